@@ -1,10 +1,27 @@
 """ResNet in Paddle: ``from models import resnet18, get_model``."""
 import os
 
-# Paddle sets OMP_NUM_THREADS=1 when it is imported with the variable unset, which uses
-# one core of the CPU; default to every core this process may use (a user's value wins).
-# It only takes effect if paddle is not imported yet.
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else str(os.cpu_count() or 1))
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# CPU settings, read by Paddle's libraries when they load, so only effective if paddle is
+# not imported yet; a value the user set always wins.
+# - Paddle sets OMP_NUM_THREADS=1 when it is unset, using one core: use every core we may.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
+# - Paddle's bundled MKL takes a slow generic path on AMD processors; type 5 selects its
+#   AVX2 kernels (ResNet-18/CIFAR training 7.1 -> 9.8 img/s here; Paddle issue #75760).
+if _cpu_vendor() == "AuthenticAMD":
+    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 from .resnet import (  # noqa: E402
     MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,

@@ -4,4 +4,5 @@ import sys
 # Tests import the project's modules from the repository root, as a notebook would.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402,F401  (sets OMP_NUM_THREADS before paddle loads)

@@ -1,0 +1,154 @@
+"""Training configuration: a dataclass of defaults, YAML recipes, command-line overrides.
+
+Every key of ``TrainConfig`` is a command-line option (``batch_size`` -> ``--batch-size``);
+values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``,
+``--amp`` alone means true) and type-checked. A typo in a key lists the valid keys.
+"""
+import argparse
+import dataclasses
+import typing
+
+import yaml
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # model
+    model: str = "resnet18"          # a factory name of models.get_model
+    stem: str = "cifar"              # resnet18..152 only: "cifar" (3x3/1) or "imagenet" (7x7/2 + max-pool)
+    zero_init_residual: bool = False
+    # optimisation
+    epochs: int = 30
+    max_iters: int = 0               # stop after this many iterations (the paper's 64k); 0: epochs decide
+    batch_size: int = 128            # per device
+    optimizer: str = "sgd"           # sgd (momentum) | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4       # L2, on every parameter
+    schedule: str = "cosine"         # cosine | step | constant, stepped every iteration
+    milestones: typing.List[int] = dataclasses.field(default_factory=list)  # step: iterations
+    gamma: float = 0.1               # step: LR factor at each milestone
+    warmup_iters: int = 0            # linear warm-up from 0 to lr over this many iterations
+    label_smoothing: float = 0.0
+    # data
+    data_file: str = ""              # an official-layout cifar-10-python.tar.gz; "": Paddle's download
+    augment: str = "crop_flip"       # crop_flip (4-pixel pad + random 32 crop + flip) | flip | none
+    val_size: int = 5000             # held out of the 50k training images, for model selection
+    subset: int = 0                  # train on the first N training images (0: all)
+    num_workers: int = 2
+    # run
+    seed: int = 0
+    device: str = "auto"             # auto (GPU when Paddle has one) | cpu | gpu
+    amp: bool = False                # mixed precision, GPU only
+    amp_dtype: str = "float16"       # float16 | bfloat16
+    output_dir: str = "runs/cifar10"
+    log_every: int = 50              # iterations between progress lines
+
+
+CHOICES = dict(stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
+               augment=("crop_flip", "flip", "none"), device=("auto", "cpu", "gpu"),
+               amp_dtype=("float16", "bfloat16"))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(name, value, typ):
+    """Return ``value`` as ``typ`` or raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{name}' must be a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_check(name, v, item) for v in value]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as text
+        except ValueError:
+            pass
+    if typ is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 6.4e4 from YAML
+    if typ is str and value is None:
+        value = ""
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ConfigError(f"config key '{name}' must be {typ.__name__}, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"config key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    return value
+
+
+def make_config(values, base=None, cls=TrainConfig):
+    """A config from ``base`` (defaults if None) with ``values`` (a dict) applied and checked."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    checked = {k: _check(k, v, hints[k]) for k, v in values.items()}
+    return dataclasses.replace(base if base is not None else cls(), **checked)
+
+
+def load_yaml(path):
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value")
+    return values
+
+
+def add_config_arguments(parser, cls=TrainConfig):
+    """One ``--key`` option per config field; unset options stay None (no override)."""
+    group = parser.add_argument_group("config keys (override the recipe)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = dict(nargs="?", const="true") if typing.get_type_hints(cls)[f.name] is bool else {}
+        group.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
+                           help=f"(default {default!r})", **extra)
+
+
+def cli_overrides(args, cls=TrainConfig):
+    """The config values given on the command line, parsed as YAML scalars."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f"cfg_{f.name}")
+        if raw is not None:
+            if typing.get_type_hints(cls)[f.name] is str:
+                out[f.name] = raw  # paths and names stay text as typed
+                continue
+            try:
+                out[f.name] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                out[f.name] = raw
+    return out
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def parse_with_config(parser, argv, cls=TrainConfig):
+    """Parse ``argv``: defaults <- ``--config FILE`` <- command-line keys. Returns (args, cfg, overrides)."""
+    args = parser.parse_args(argv)
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    overrides = cli_overrides(args, cls)
+    cfg = make_config({**values, **overrides}, cls=cls)
+    return args, cfg, overrides
+
+
+__all__ = ["TrainConfig", "ConfigError", "make_config", "load_yaml", "add_config_arguments",
+           "cli_overrides", "parse_with_config", "save_yaml", "to_dict"]

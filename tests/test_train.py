@@ -1,0 +1,196 @@
+"""train_cifar10.py and eval.py end to end, on tiny archives the tests build."""
+import csv
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+import engine
+import eval as eval_script
+import train_cifar10
+from helpers import make_cifar_archive
+
+FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
+        "--num-workers", "0", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_cifar_archive(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz", n_train=200, n_test=60)
+
+
+def weights(path):
+    return {k: np.asarray(v) for k, v in engine.load_checkpoint(path)["model"].items()}
+
+
+@pytest.fixture(scope="module")
+def straight_run(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train_cifar10.main(FAST + ["--data-file", archive, "--output-dir", str(out)])
+    return out
+
+
+def test_two_epoch_run_writes_every_output(straight_run, capsys):
+    out = straight_run
+    for name in ("config.yaml", "metrics.csv", "curves.png", "last.pdckpt", "best.pdckpt", "results.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert int(rows[-1]["iteration"]) == 8  # 160 training images / 40
+    cfg = yaml.safe_load(open(out / "config.yaml"))
+    assert cfg["model"] == "resnet20" and cfg["epochs"] == 2
+    state = engine.load_checkpoint(str(out / "last.pdckpt"))
+    assert state["epoch"] == 2 and state["config"]["model"] == "resnet20"
+    assert {"model", "optimizer", "scheduler", "rng", "best", "history"} <= set(state)
+    best = engine.load_checkpoint(str(out / "best.pdckpt"))
+    assert best["best"]["val_acc"] == max(float(r["val_acc"]) for r in rows)
+    results = yaml.safe_load(open(out / "results.yaml"))
+    assert set(results) >= {"final_test_acc", "best_test_acc", "best_epoch"}
+
+
+def test_progress_lines_have_no_carriage_returns(archive, tmp_path, capfd):
+    train_cifar10.main(FAST + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path)])
+    out = capfd.readouterr().out
+    assert "\r" not in out
+    assert "img/s eta" in out and "step 4/4" in out
+    assert "epoch 1/1 done in" in out and "val acc" in out and "run eta" in out
+    assert "best model (epoch 1, chosen on val acc" in out
+
+
+class Interrupt:
+    """Wraps a loader so that it raises KeyboardInterrupt (Ctrl-C) after ``after`` batches."""
+
+    def __init__(self, loader, after):
+        self.loader, self.after = loader, after
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.after:
+                raise KeyboardInterrupt
+            yield batch
+
+
+@pytest.mark.parametrize("stop_step", [0, 2])  # at the epoch boundary, and inside epoch 2
+def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_path, monkeypatch, stop_step):
+    original = engine.train_one_epoch
+
+    def interrupted(model, loader, opt, sched, cfg, ctx, epoch, progress):
+        return original(model, Interrupt(loader, stop_step) if epoch == 1 else loader,
+                        opt, sched, cfg, ctx, epoch, progress)
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar10.main(FAST + ["--data-file", archive, "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    state = engine.load_checkpoint(str(tmp_path / "last.pdckpt"))
+    assert state["epoch"] == 1
+    assert (state["progress"] or {"step": 0})["step"] == stop_step
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    train_cifar10.main(["--resume", str(tmp_path)])
+    resumed, straight = weights(str(tmp_path / "last.pdckpt")), weights(str(straight_run / "last.pdckpt"))
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+    assert open(tmp_path / "metrics.csv").read().splitlines()[1:] != []
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    straight_rows = list(csv.DictReader(open(straight_run / "metrics.csv")))
+    assert [(r["train_loss"], r["val_acc"]) for r in rows] == [(r["train_loss"], r["val_acc"]) for r in straight_rows]
+
+
+def test_workers_do_not_change_the_run(archive, straight_run, tmp_path):
+    args = [a if a != "0" else "2" for a in FAST]  # --num-workers 2
+    train_cifar10.main(args + ["--data-file", archive, "--output-dir", str(tmp_path), "--epochs", "2"])
+    a, b = weights(str(tmp_path / "last.pdckpt")), weights(str(straight_run / "last.pdckpt"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_eval_reproduces_logged_val_accuracy(straight_run, capsys):
+    rows = list(csv.DictReader(open(straight_run / "metrics.csv")))
+    result = eval_script.main(["--ckpt", str(straight_run / "last.pdckpt"), "--split", "val", "--json",
+                               "--num-workers", "0"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["n"] == 40 and result["top1"] == line["top1"]
+    assert line["top1"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-12)
+    assert line["loss"] == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
+    assert len(line["confusion"]) == 10 and sum(map(sum, line["confusion"])) == 40
+    assert os.path.exists(line["confusion_png"])
+    test = eval_script.main(["--ckpt", str(straight_run), "--num-workers", "0"])  # directory: its best
+    results = yaml.safe_load(open(straight_run / "results.yaml"))
+    assert test["n"] == 60 and test["top1"] == pytest.approx(results["best_test_acc"])
+
+
+def run_error(fn, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code not in (0, None)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bad_config_key_and_type(archive, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nbatchsize: 64\n")
+    msg = run_error(train_cifar10.main, ["--config", str(bad), "--data-file", archive], capsys)
+    assert "batchsize" in msg and "valid keys: " in msg and "batch_size" in msg
+    bad.write_text("epochs: many\n")
+    msg = run_error(train_cifar10.main, ["--config", str(bad)], capsys)
+    assert "'epochs' must be int" in msg
+    msg = run_error(train_cifar10.main, ["--lr", "fast"], capsys)
+    assert "'lr' must be float" in msg
+
+
+def test_bad_data_paths(archive, tmp_path, capsys):
+    msg = run_error(train_cifar10.main, ["--data-file", str(tmp_path / "missing.tar.gz")], capsys)
+    assert "no such file" in msg
+    msg = run_error(train_cifar10.main, ["--data-file", str(tmp_path)], capsys)
+    assert "is a directory" in msg
+    notar = tmp_path / "x.tar.gz"
+    notar.write_bytes(b"not an archive")
+    assert "not a tar archive" in run_error(train_cifar10.main, ["--data-file", str(notar)], capsys)
+
+
+def test_no_data_and_no_network_is_one_line(monkeypatch, tmp_path, capsys):
+    import paddle.vision.datasets as datasets
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Cannot download https://dataset.bj.bcebos.com/cifar/cifar-10-python.tar.gz within retry limit 3")
+
+    monkeypatch.setattr(datasets, "Cifar10", Offline)
+    msg = run_error(train_cifar10.main, ["--output-dir", str(tmp_path)], capsys)
+    assert "could not be downloaded" in msg and "--data-file" in msg
+
+
+def test_bad_checkpoints(straight_run, tmp_path, capsys):
+    assert "no such file" in run_error(eval_script.main, ["--ckpt", str(tmp_path / "none.pdckpt")], capsys)
+    truncated = tmp_path / "cut.pdckpt"
+    truncated.write_bytes((straight_run / "last.pdckpt").read_bytes()[:5000])
+    assert "truncated" in run_error(eval_script.main, ["--ckpt", str(truncated)], capsys)
+    state = engine.load_checkpoint(str(straight_run / "last.pdckpt"))
+    state["config"]["model"] = "resnet32"  # the weights are a resnet20's
+    wrong = tmp_path / "wrong.pdckpt"
+    paddle.save(state, str(wrong))
+    msg = run_error(eval_script.main, ["--ckpt", str(wrong)], capsys)
+    assert "does not match model resnet32" in msg and "missing" in msg
+
+
+def test_resume_of_missing_run_is_one_line(tmp_path, capsys):
+    assert "no such file" in run_error(train_cifar10.main, ["--resume", str(tmp_path)], capsys)
+
+
+def test_configs_parse():
+    import config
+    for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")):
+        cfg = config.make_config(config.load_yaml(os.path.join(os.path.dirname(__file__), "..", "configs", name)))
+        assert cfg.model
+    paper = config.make_config(config.load_yaml(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                             "paper_resnet_cifar.yaml")))
+    assert (paper.milestones, paper.max_iters, paper.weight_decay, paper.lr) == ([32000, 48000], 64000, 1e-4, 0.1)
