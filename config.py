@@ -46,7 +46,25 @@ class TrainConfig:
     log_every: int = 50              # iterations between progress lines
 
 
-CHOICES = dict(stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
+@dataclasses.dataclass
+class FinetuneConfig(TrainConfig):
+    """finetune.py: an image folder, ImageNet preprocessing, a pretrained start."""
+    model: str = "resnet34"
+    stem: str = "imagenet"
+    data_dir: str = ""               # a folder of class sub-folders
+    pretrained: str = "imagenet"     # imagenet | none | a .pdparams | a torchvision .pth | a .pdckpt of ours
+    strategy: str = "full"           # full | last | head (see finetune.py)
+    image_size: int = 224            # training crop; evaluation resizes to image_size * 256/224 then crops
+    val_fraction: float = 0.2        # per class, seeded
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    output_dir: str = "runs/finetune"
+    log_every: int = 5
+
+
+CHOICES = dict(strategy=("full", "last", "head"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "none"), device=("auto", "cpu", "gpu"),
                amp_dtype=("float16", "bfloat16"))
 
@@ -81,8 +99,9 @@ def _check(name, value, typ):
     return value
 
 
-def make_config(values, base=None, cls=TrainConfig):
+def make_config(values, base=None, cls=None):
     """A config from ``base`` (defaults if None) with ``values`` (a dict) applied and checked."""
+    cls = cls or (type(base) if base is not None else TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -150,5 +169,5 @@ def parse_with_config(parser, argv, cls=TrainConfig):
     return args, cfg, overrides
 
 
-__all__ = ["TrainConfig", "ConfigError", "make_config", "load_yaml", "add_config_arguments",
+__all__ = ["TrainConfig", "FinetuneConfig", "ConfigError", "make_config", "load_yaml", "add_config_arguments",
            "cli_overrides", "parse_with_config", "save_yaml", "to_dict"]

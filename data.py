@@ -1,11 +1,12 @@
 """Datasets: CIFAR-10 through paddle.vision, a seeded train/val split, the transforms.
 
 Augmentation is reproducible per sample: before transforming sample ``i`` in epoch
-``e`` the dataset seeds Python's ``random`` (which paddle.vision's random transforms
-draw from) with (seed, e, i). A run then gives the same images whatever
+``e`` the dataset seeds Python's ``random`` and numpy's global generator (paddle.vision's
+random transforms draw from both) with a hash of (seed, e, i). A run then gives the same images whatever
 ``num_workers`` is, and a resumed run sees exactly the images the uninterrupted run
 would have (Paddle re-seeds each worker from a fresh random number per iterator).
 """
+import hashlib
 import os
 import random
 import tarfile
@@ -19,6 +20,11 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 # Per-channel statistics of the 50k CIFAR-10 training images (checked on the real archive).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# How a checkpoint's model wants a new image: resize the short side, center-crop, normalise.
+# Saved in every checkpoint, so predict.py and export.py need no other source.
+CIFAR10_PREPROCESS = dict(resize=32, crop=32, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD))
 
 
 class DataError(RuntimeError):
@@ -46,7 +52,9 @@ class SplitDataset(paddle.io.Dataset):
         image, label = self.base[self.indices[i]]
         if self.transform is not None:
             if self.seed is not None:
-                random.seed(f"{self.seed}-{self.epoch}-{i}")
+                key = hashlib.sha256(f"{self.seed}-{self.epoch}-{i}".encode()).digest()
+                random.seed(key)
+                np.random.seed(int.from_bytes(key[:4], "little"))
             image = self.transform(image)
         return image, np.asarray(label, dtype="int64")
 
@@ -118,3 +126,54 @@ def cifar10_splits(cfg):
     return dict(train=SplitDataset(train_base, train_idx, train_tf, seed=cfg.seed),
                 val=SplitDataset(train_base, val_idx, eval_tf),
                 test=SplitDataset(test_base, range(len(test_base)), eval_tf))
+
+
+# ------------------------------------------------------------------- image folders
+def imagenet_preprocess(size):
+    """Evaluation preprocessing at ``size``: resize to size*256/224, center-crop (ImageNet's 256/224)."""
+    return dict(resize=int(round(size * 256 / 224)), crop=size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+
+
+def eval_transform(preprocess):
+    """PIL image -> float32 [3, crop, crop] for a checkpoint's ``preprocess`` dict."""
+    return T.Compose([T.Resize(preprocess["resize"]), T.CenterCrop(preprocess["crop"]), T.ToTensor(),
+                      T.Normalize(preprocess["mean"], preprocess["std"])])
+
+
+def imagenet_train_transform(size):
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_folder_splits(cfg):
+    """({'train', 'val'}, class names) from ``cfg.data_dir`` (one sub-folder per class).
+
+    The split is per class and seeded (seed 0, whatever the training seed): the
+    first round(val_fraction * n) of each class's shuffled images go to validation.
+    """
+    from paddle.vision.datasets import DatasetFolder
+    root = cfg.data_dir
+    if not root:
+        raise DataError("--data-dir is required: a folder with one sub-folder of images per class")
+    if not os.path.isdir(root):
+        raise DataError(f"--data-dir {root}: no such directory; it must hold one sub-folder of images per class")
+    try:
+        base = DatasetFolder(root)  # its loader opens with PIL and converts to RGB
+    except Exception as e:  # Paddle raises on a folder with no class folders or no images
+        raise DataError(f"--data-dir {root} has no class sub-folders with images ({str(e).splitlines()[0]})")
+    if len(base.classes) < 2:
+        raise DataError(f"--data-dir {root} has {len(base.classes)} class folder(s); it needs at least 2")
+    if not 0 <= cfg.val_fraction < 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
+    labels = np.array([target for _, target in base.samples])
+    rng = np.random.RandomState(0)
+    train_idx, val_idx = [], []
+    for c in range(len(base.classes)):
+        idx = rng.permutation(np.flatnonzero(labels == c)).tolist()
+        k = int(round(cfg.val_fraction * len(idx)))
+        val_idx += idx[:k]
+        train_idx += idx[k:]
+    preprocess = imagenet_preprocess(cfg.image_size)
+    splits = dict(train=SplitDataset(base, sorted(train_idx), imagenet_train_transform(cfg.image_size), seed=cfg.seed),
+                  val=SplitDataset(base, sorted(val_idx), eval_transform(preprocess)))
+    return splits, list(base.classes), preprocess

@@ -19,6 +19,7 @@ import paddle.nn.functional as F
 import yaml
 
 import models
+import config
 from config import make_config, save_yaml, to_dict
 
 LAST, BEST = "last.pdckpt", "best.pdckpt"
@@ -94,6 +95,14 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def resolve_ckpt(path):
+    """A run directory stands for its best checkpoint (its last when it has no best)."""
+    if os.path.isdir(path):
+        best = os.path.join(path, BEST)
+        return best if os.path.exists(best) else os.path.join(path, LAST)
+    return path
+
+
 def load_checkpoint(path):
     """The checkpoint dict, or RunError with one line for a missing, truncated or foreign file."""
     if os.path.isdir(path):
@@ -109,9 +118,14 @@ def load_checkpoint(path):
     return state
 
 
-def model_from_checkpoint(state, cfg_cls):
-    """Rebuild the model a checkpoint's config names and load its weights strictly."""
-    cfg = make_config(state["config"], cls=cfg_cls)
+def config_from_checkpoint(state):
+    cls = config.FinetuneConfig if "data_dir" in state["config"] else config.TrainConfig
+    return make_config(state["config"], cls=cls)
+
+
+def model_from_checkpoint(state):
+    """(config, model): the model a checkpoint's config names, its weights loaded strictly."""
+    cfg = config_from_checkpoint(state)
     model = build_model(cfg, len(state["class_names"]))
     try:
         models.load_weights(model, state["model"])
@@ -159,6 +173,28 @@ def set_rng_state(state):
     random.setstate(tuple(state["python"]))
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     paddle.set_rng_state(state["paddle"])
+
+
+def run_config(args, cls, model=None):
+    """(cfg, resume_state) for a script's parsed ``args``: defaults <- --config FILE <-
+    command-line keys. With --resume DIR the run's saved config is the base instead, and
+    keys given on the command line (a longer --epochs, say) apply on top."""
+    overrides = config.cli_overrides(args, cls)
+    if model is not None:
+        overrides["model"] = model
+    if getattr(args, "resume", None):
+        state = load_checkpoint(args.resume)
+        overrides["output_dir"] = args.resume
+        return make_config(overrides, base=make_config(state["config"], cls=cls)), state
+    values = config.load_yaml(args.config) if args.config else {}
+    return make_config({**values, **overrides}, cls=cls), None
+
+
+def add_run_arguments(parser, cls, depths):
+    parser.add_argument("--config", help="a YAML recipe from configs/; command-line keys override it")
+    parser.add_argument("--depth", type=int, choices=sorted(depths), help="shorthand for --model")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    config.add_config_arguments(parser, cls)
 
 
 # ----------------------------------------------------------------------- data loading

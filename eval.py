@@ -49,13 +49,10 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
     try:
-        path = args.ckpt
-        if os.path.isdir(path):
-            best = os.path.join(path, engine.BEST)
-            path = best if os.path.exists(best) else os.path.join(path, engine.LAST)
+        path = engine.resolve_ckpt(args.ckpt)
         state = engine.load_checkpoint(path)
         engine.select_device(args.device)
-        cfg, model = engine.model_from_checkpoint(state, config.TrainConfig)
+        cfg, model = engine.model_from_checkpoint(state)
         if args.data_file:
             cfg = config.make_config({"data_file": args.data_file}, base=cfg)
         dataset = data.cifar10_splits(cfg)[args.split]

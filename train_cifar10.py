@@ -20,39 +20,15 @@ DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152:
           20: "resnet20", 32: "resnet32", 44: "resnet44", 56: "resnet56", 110: "resnet110"}
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description="Train a ResNet on CIFAR-10.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="a YAML recipe from configs/; command-line keys override it")
-    parser.add_argument("--depth", type=int, choices=sorted(DEPTHS),
-                        help="shorthand for --model: 18..152 (CIFAR stem) or the paper's 20..110")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    config.add_config_arguments(parser)
-    return parser
-
-
-def resolve_config(argv):
-    """(cfg, resume_state) from the command line; resume takes the run's saved config,
-    with any key given on the command line (e.g. a longer --epochs) applied on top."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    overrides = config.cli_overrides(args)
-    if args.depth is not None:
-        overrides["model"] = DEPTHS[args.depth]
-    if args.resume:
-        state = engine.load_checkpoint(args.resume)
-        base = config.make_config(state["config"])
-        overrides["output_dir"] = args.resume
-        return config.make_config(overrides, base=base), state
-    values = config.load_yaml(args.config) if args.config else {}
-    return config.make_config({**values, **overrides}), None
-
-
 def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train a ResNet on CIFAR-10.")
+    engine.add_run_arguments(parser, config.TrainConfig, DEPTHS)
+    args = parser.parse_args(argv)
     try:
-        cfg, resume_state = resolve_config(argv)
+        cfg, resume_state = engine.run_config(args, config.TrainConfig, DEPTHS.get(args.depth))
         datasets = data.cifar10_splits(cfg)
-        engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume_state)
+        engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume_state,
+                   extra_state=dict(preprocess=data.CIFAR10_PREPROCESS))
     except (config.ConfigError, data.DataError, engine.RunError) as e:
         sys.exit(f"error: {e}")
 

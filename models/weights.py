@@ -48,3 +48,44 @@ def load_weights(model, state_dict, skip_classifier=False):
     for k in keys:  # set_value, not set_state_dict: that one warns about the skipped fc
         own[k].set_value(state_dict[k])
     return keys
+
+
+def pretrained_state(source, arch):
+    """A state dict for ``arch`` from ``source``:
+
+    'imagenet'      Paddle's official ImageNet weights (paddle.vision's own URLs and md5s),
+                    downloaded once to ~/.cache/paddle/hapi/weights;
+    '*.pdparams'    Paddle weights saved with paddle.save(model.state_dict());
+    '*.pth'/'*.pt'  a torchvision state dict, converted (models/convert.py);
+    '*.pdckpt'      a checkpoint of ours (its model weights).
+    Raises ValueError with one line when it cannot be had.
+    """
+    import os
+    import paddle
+    if source == "imagenet":
+        from paddle.utils.download import get_weights_path_from_url
+        from paddle.vision.models.resnet import model_urls
+        if arch not in model_urls:
+            raise ValueError(f"Paddle publishes no ImageNet weights for {arch}; available: {', '.join(model_urls)}")
+        url, md5 = model_urls[arch]
+        try:
+            path = get_weights_path_from_url(url, md5)
+        except Exception as e:
+            raise ValueError(f"could not download {url} ({type(e).__name__}); with no network, "
+                             f"download it elsewhere and pass --pretrained PATH/{os.path.basename(url)}")
+        return paddle.load(path)
+    if not os.path.isfile(source):
+        raise ValueError(f"--pretrained {source}: no such file (or use 'imagenet' or 'none')")
+    if source.endswith((".pth", ".pt")):
+        from .convert import read_torch_file, torchvision_to_paddle
+        try:
+            return torchvision_to_paddle(read_torch_file(source))
+        except RuntimeError as e:
+            raise ValueError(str(e))
+    try:
+        state = paddle.load(source)
+    except Exception as e:
+        raise ValueError(f"--pretrained {source} could not be read ({type(e).__name__}); truncated or not Paddle weights")
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        state = state["model"]  # a checkpoint of ours
+    return state

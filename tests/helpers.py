@@ -33,3 +33,42 @@ def make_cifar_archive(path, n_train=300, n_test=100, seed=0, learnable=True):
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
     return str(path)
+
+
+def make_image_folder(root, classes=("cats", "dogs", "owls"), per_class=8, seed=0):
+    """A tiny class-per-folder image set: PNG and JPEG files in RGB, L, P, RGBA and CMYK."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    modes = [("RGB", "png"), ("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("RGB", "jpg")]
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((40, 48, 3), np.uint8) + np.array([80 * c, 255 - 80 * c, 40], np.uint8)
+            pixels = (base + rng.randint(0, 40, base.shape)).clip(0, 255).astype(np.uint8)
+            mode, ext = modes[i % len(modes)]
+            img = Image.fromarray(pixels).convert(mode)
+            img.save(os.path.join(root, name, f"{i}.{ext}"))
+    return str(root)
+
+
+class Interrupt:
+    """Wraps a loader so that it raises KeyboardInterrupt (Ctrl-C) after ``after`` batches."""
+
+    def __init__(self, loader, after):
+        self.loader, self.after = loader, after
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.after:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def interrupt_in_epoch(train_one_epoch, epoch, step):
+    """engine.train_one_epoch, but Ctrl-C is pressed after ``step`` batches of ``epoch`` (0-based)."""
+    def wrapped(model, loader, *args):
+        return train_one_epoch(model, Interrupt(loader, step) if args[4] == epoch else loader, *args)
+    return wrapped

@@ -11,7 +11,7 @@ import yaml
 import engine
 import eval as eval_script
 import train_cifar10
-from helpers import make_cifar_archive
+from helpers import Interrupt, interrupt_in_epoch, make_cifar_archive
 
 FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
         "--num-workers", "0", "--log-every", "2"]
@@ -60,31 +60,10 @@ def test_progress_lines_have_no_carriage_returns(archive, tmp_path, capfd):
     assert "best model (epoch 1, chosen on val acc" in out
 
 
-class Interrupt:
-    """Wraps a loader so that it raises KeyboardInterrupt (Ctrl-C) after ``after`` batches."""
-
-    def __init__(self, loader, after):
-        self.loader, self.after = loader, after
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.after:
-                raise KeyboardInterrupt
-            yield batch
-
-
 @pytest.mark.parametrize("stop_step", [0, 2])  # at the epoch boundary, and inside epoch 2
 def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_path, monkeypatch, stop_step):
     original = engine.train_one_epoch
-
-    def interrupted(model, loader, opt, sched, cfg, ctx, epoch, progress):
-        return original(model, Interrupt(loader, stop_step) if epoch == 1 else loader,
-                        opt, sched, cfg, ctx, epoch, progress)
-
-    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(original, 1, stop_step))
     with pytest.raises(SystemExit) as exit_info:
         train_cifar10.main(FAST + ["--data-file", archive, "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 130

@@ -1,0 +1,90 @@
+"""Fine-tune a ResNet on a folder of images, one sub-folder per class.
+
+    python finetune.py --data-dir flowers/ --depth 34 --pretrained imagenet --strategy full
+    python finetune.py --data-dir flowers/ --depth 18 --pretrained runs/cifar10/best.pdckpt --image-size 64
+    python finetune.py --data-dir flowers/ --pretrained resnet34.pth --strategy head   # torchvision weights
+
+Strategies (seed 004's three ways):
+  full  load the weights and train every layer;
+  last  freeze the stem and all stages but the last; train the last stage and a new classifier;
+  head  freeze the whole backbone (a fixed feature extractor); train a new classifier only.
+Frozen layers get no gradient and their BatchNorm statistics stay as loaded.
+"""
+import argparse
+import os
+import sys
+
+import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import config
+import data
+import engine
+from models.weights import WeightsMismatchError, pretrained_state
+
+DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
+
+
+def freeze(layer):
+    """No gradient for ``layer``'s parameters; its BN layers normalise with the running
+    statistics they were loaded with and stop updating them, in training mode too."""
+    import paddle.nn as nn
+    for p in layer.parameters():
+        p.stop_gradient = True
+    for sub in [layer] + layer.sublayers():
+        if isinstance(sub, nn.layer.norm._BatchNormBase):
+            sub._use_global_stats = True
+
+
+def apply_strategy(model, strategy):
+    """Freeze what ``strategy`` keeps fixed; returns the parameters left to train."""
+    if strategy in ("last", "head"):
+        kept = [model.fc] + ([model.stages[-1]] if strategy == "last" else [])
+        for name, layer in model.named_children():
+            if all(layer is not k for k in kept):
+                freeze(layer)
+    return [p for p in model.parameters() if not p.stop_gradient]
+
+
+def load_pretrained(model, cfg, num_classes):
+    """Load cfg.pretrained into ``model``; the classifier is replaced when the class
+    count differs, every other weight must load."""
+    if cfg.pretrained == "none":
+        return
+    try:
+        state = pretrained_state(cfg.pretrained, cfg.model)
+        fc = state.get("fc.weight")
+        same_head = fc is not None and list(fc.shape) == list(model.fc.weight.shape)
+        keys = models.load_weights(model, state, skip_classifier=not same_head)
+    except (ValueError, WeightsMismatchError) as e:
+        raise engine.RunError(str(e))
+    engine.log(f"loaded {len(keys)} tensors from {cfg.pretrained}"
+               + ("" if same_head else f"; new {num_classes}-class classifier"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Fine-tune a ResNet on an image folder.")
+    engine.add_run_arguments(parser, config.FinetuneConfig, DEPTHS)
+    args = parser.parse_args(argv)
+    try:
+        cfg, resume_state = engine.run_config(args, config.FinetuneConfig, DEPTHS.get(args.depth))
+        if resume_state is None and cfg.pretrained.endswith(".pdckpt") and os.path.isfile(cfg.pretrained):
+            # a checkpoint of ours: its architecture (a CIFAR stem, say) decides the model
+            source = engine.config_from_checkpoint(engine.load_checkpoint(cfg.pretrained))
+            cfg = config.make_config(dict(model=source.model, stem=source.stem), base=cfg)
+        datasets, classes, preprocess = data.image_folder_splits(cfg)
+        import paddle
+        paddle.seed(cfg.seed)  # the new classifier's initial weights
+        model = engine.build_model(cfg, len(classes))
+        if resume_state is None:
+            load_pretrained(model, cfg, len(classes))
+        parameters = apply_strategy(model, cfg.strategy)
+        learnable = [p for k, p in model.named_parameters() if not k.endswith(("_mean", "_variance"))]
+        engine.log(f"strategy {cfg.strategy}: {sum(p.size for p in parameters):,} of "
+                   f"{sum(p.size for p in learnable):,} parameters trainable; classes: {', '.join(classes)}")
+        engine.fit(cfg, datasets, classes, resume_state=resume_state, model=model, parameters=parameters,
+                   extra_state=dict(preprocess=preprocess))
+    except (config.ConfigError, data.DataError, engine.RunError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
