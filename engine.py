@@ -446,21 +446,28 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
 
 
 def final_report(cfg, model, test_set, num_classes, out, best, history):
-    """Test accuracy of the final and the best-on-validation model; never used to choose."""
-    result = dict(best_epoch=best["epoch"], best_val_acc=best["val_acc"] if best["epoch"] else None)
-    if test_set is None or not len(test_set):
-        return result
-    loader = make_loader(test_set, max(cfg.batch_size, 256), cfg.num_workers)
-    final = evaluate(model, loader, num_classes)
-    result["final_test_acc"] = final["top1"]
-    log(f"final model (epoch {history[-1]['epoch']}): test acc {final['top1']:.4f}")
-    if best["epoch"]:
-        b = final
-        if best["epoch"] != history[-1]["epoch"]:  # else the best model is the final one
-            models.load_weights(model, load_checkpoint(os.path.join(out, BEST))["model"])
-            b = evaluate(model, loader, num_classes)
-        result["best_test_acc"] = b["top1"]
-        log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
-    with open(os.path.join(out, "results.yaml"), "w") as f:
-        yaml.safe_dump(result, f, sort_keys=False)
+    """Write results.yaml: the last epoch's figures, and the test accuracy of the final
+    and of the best-on-validation model (reported, never used to choose)."""
+    last = history[-1]
+    result = dict(model=cfg.model, epochs=last["epoch"], iterations=last["iteration"],
+                  train_time_s=sum(h["epoch_time_s"] for h in history),
+                  final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
+                  final_val_acc=last["val_acc"] if last["val_acc"] != "" else None,
+                  best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)
+    if test_set is not None and len(test_set):
+        loader = make_loader(test_set, max(cfg.batch_size, 256), cfg.num_workers)
+        final = evaluate(model, loader, num_classes)
+        result["final_test_acc"] = final["top1"]
+        log(f"final model (epoch {last['epoch']}): test acc {final['top1']:.4f}")
+        if best["epoch"]:
+            b = final
+            if best["epoch"] != last["epoch"]:  # else the best model is the final one
+                models.load_weights(model, load_checkpoint(os.path.join(out, BEST))["model"])
+                b = evaluate(model, loader, num_classes)
+            result["best_test_acc"] = b["top1"]
+            log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
+    path = os.path.join(out, "results.yaml")  # its presence marks a finished run: write atomically
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}, f, sort_keys=False)
+    os.replace(path + ".tmp", path)
     return result

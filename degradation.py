@@ -1,0 +1,139 @@
+"""The degradation study (He et al. 2015, Fig. 1 and Fig. 6) in one command.
+
+    python degradation.py --data-file ../data/cifar-10-python.tar.gz --subset 10000 --epochs 10
+
+Trains plain-20, plain-56, ResNet-20 and ResNet-56 with one shared recipe (the
+paper's: SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, LR /10 at 50% and 75%
+of the run, as 32k and 48k of its 64k iterations), through train_cifar10's own loop.
+Writes, in --output-dir: one sub-folder per network (checkpoints, metrics.csv),
+degradation.png (training error dashed, held-out error solid, plain left, residual
+right), results.csv and results.md (final train / val / test error per network).
+
+Run it again and finished networks are reused, an interrupted one resumes.
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+
+import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import yaml
+
+import config
+import data
+import engine
+
+NETS = ("plain20", "plain56", "resnet20", "resnet56")
+
+
+def recipe(net, args, train_size):
+    iters = args.epochs * math.ceil(train_size / args.batch_size)
+    return config.make_config(dict(
+        model=net, epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=args.lr,
+        momentum=0.9, weight_decay=1e-4, schedule="step", gamma=0.1,
+        milestones=[iters // 2, iters * 3 // 4], augment="crop_flip", data_file=args.data_file,
+        subset=args.subset, val_size=args.val_size, seed=args.seed, num_workers=args.num_workers,
+        device=args.device, output_dir=os.path.join(args.output_dir, net), log_every=args.log_every))
+
+
+def train(net, args, datasets):
+    """Train ``net`` unless its results are there; resume it if it was interrupted."""
+    cfg = recipe(net, args, len(datasets["train"]))
+    done = os.path.join(cfg.output_dir, "results.yaml")
+    if os.path.exists(done):
+        engine.log(f"{net}: finished before, reusing {done}")
+        return
+    last = os.path.join(cfg.output_dir, engine.LAST)
+    resume = engine.load_checkpoint(last) if os.path.exists(last) else None
+    if resume is not None and resume["config"] != config.to_dict(cfg):
+        raise engine.RunError(f"{cfg.output_dir} holds a run with another recipe; use another --output-dir")
+    engine.log(f"== {net}" + (" (resuming)" if resume else ""))
+    engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume,
+               extra_state=dict(preprocess=data.CIFAR10_PREPROCESS))
+
+
+def read_history(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def plot(path, histories, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind in zip(axes, ("plain", "resnet")):
+        for i, (net, rows) in enumerate((n, r) for n, r in histories.items() if n.startswith(kind)):
+            color = f"C{i}"
+            epochs = [int(r["epoch"]) for r in rows]
+            ax.plot(epochs, [100 * (1 - float(r["train_acc"])) for r in rows], "--", color=color, label=f"{net} train")
+            ax.plot(epochs, [100 * (1 - float(r["val_acc"])) for r in rows], "-", color=color, label=f"{net} held-out")
+        ax.set_title({"plain": "plain networks", "resnet": "ResNets"}[kind])
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("error (%)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plain vs residual networks on CIFAR-10 (the degradation problem).")
+    parser.add_argument("--data-file", default="", help="cifar-10-python.tar.gz (default: Paddle's download)")
+    parser.add_argument("--subset", type=int, default=10000, help="training images (0: all 45k)")
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nets", default=",".join(NETS), help="comma-separated factory names")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--output-dir", default="runs/degradation")
+    args = parser.parse_args(argv)
+    nets = [n for n in args.nets.split(",") if n]
+    try:
+        first = recipe(nets[0], args, 0)
+        datasets = data.cifar10_splits(first)  # loaded once, shared: the same split for every net
+        for net in nets:
+            train(net, args, datasets)
+    except (config.ConfigError, data.DataError, engine.RunError) as e:
+        sys.exit(f"error: {e}")
+
+    rows, histories = [], {}
+    for net in nets:
+        out = os.path.join(args.output_dir, net)
+        with open(os.path.join(out, "results.yaml")) as f:
+            r = yaml.safe_load(f)
+        histories[net] = read_history(out)
+        params = sum(p.size for p in models.get_model(net).parameters() if not p.stop_gradient)
+        rows.append(dict(network=net, params=params,
+                         epochs=r["epochs"], iterations=r["iterations"],
+                         train_error=round(100 * (1 - r["final_train_acc"]), 2),
+                         val_error=round(100 * (1 - r["final_val_acc"]), 2),
+                         test_error=round(100 * (1 - r["final_test_acc"]), 2),
+                         train_time_s=round(r["train_time_s"], 1)))
+    with open(os.path.join(args.output_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = "| network | params | epochs | train error % | val error % | test error % | train time s |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"] + [
+        f"| {r['network']} | {r['params']:,} | {r['epochs']} | {r['train_error']} | {r['val_error']} | "
+        f"{r['test_error']} | {r['train_time_s']} |" for r in rows]
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    n_train = args.subset or 45000
+    plot(os.path.join(args.output_dir, "degradation.png"), histories,
+         f"CIFAR-10, {n_train} training images, {args.epochs} epochs, batch {args.batch_size}; "
+         f"dashed: training error, solid: held-out ({args.val_size} val images) error")
+    print("\n".join(lines))
+    print(f"wrote {args.output_dir}/degradation.png, results.csv, results.md")
+
+
+if __name__ == "__main__":
+    main()
