@@ -20,7 +20,9 @@ class TrainConfig:
     # optimisation
     epochs: int = 30
     max_iters: int = 0               # stop after this many iterations (the paper's 64k); 0: epochs decide
-    batch_size: int = 128            # per device
+    batch_size: int = 128            # per device: the global batch is batch_size x devices
+    scale_lr: bool = False           # multi-device: lr x devices (linear scaling rule)
+    sync_bn: bool = False            # multi-GPU: BatchNorm statistics over the global batch
     optimizer: str = "sgd"           # sgd (momentum) | adam
     lr: float = 0.1
     momentum: float = 0.9

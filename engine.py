@@ -5,6 +5,7 @@ evaluation, and ``fit`` which ties them together with progress, metrics.csv,
 curves.png, best/last checkpoints and exact resume.
 """
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -31,8 +32,14 @@ class RunError(RuntimeError):
     """A problem the user can fix: the message is one line naming it and the fix."""
 
 
+def rank():
+    """This process's rank under paddle.distributed.launch (0 when run alone)."""
+    return int(os.environ.get("PADDLE_TRAINER_ID", "0") or 0)
+
+
 def log(*args):
-    print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
+    if rank() == 0:  # under launch, only rank 0 prints
+        print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
 
 
 # ---------------------------------------------------------------------------- device
@@ -45,6 +52,62 @@ def select_device(name):
     device = "gpu" if name == "gpu" or (name == "auto" and has_gpu) else "cpu"
     paddle.set_device(device)
     return device
+
+
+LAUNCH_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT")
+
+
+def init_distributed():
+    """(world_size, rank). Under ``python -m paddle.distributed.launch`` (which sets the
+    PADDLE_* variables) this joins the process group; run alone it returns (1, 0).
+    A half-set-up environment would hang in init_parallel_env: it is an error instead."""
+    present = [k for k in LAUNCH_ENV if os.environ.get(k)]
+    if not present:
+        return 1, 0
+    missing = [k for k in LAUNCH_ENV if k not in present]
+    if missing:
+        raise RunError(f"half-set-up distributed environment: {', '.join(present)} set but {', '.join(missing)} "
+                       "not; start with python -m paddle.distributed.launch, or unset the PADDLE_* variables")
+    world, me = int(os.environ["PADDLE_TRAINERS_NUM"]), int(os.environ["PADDLE_TRAINER_ID"])
+    endpoints = os.environ["PADDLE_TRAINER_ENDPOINTS"].split(",")
+    if not 0 <= me < world or len(endpoints) != world:
+        raise RunError(f"inconsistent distributed environment: rank {me}, world size {world}, "
+                       f"{len(endpoints)} endpoints; start with python -m paddle.distributed.launch")
+    if world == 1:
+        return 1, 0
+    import paddle.distributed as dist
+    dist.init_parallel_env()
+    return dist.get_world_size(), dist.get_rank()
+
+
+def all_sum(values, world_size):
+    """Sum a float64 numpy array over all ranks (a no-op when alone)."""
+    values = np.asarray(values, dtype=np.float64)
+    if world_size == 1:
+        return values
+    import paddle.distributed as dist
+    t = paddle.to_tensor(values)
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+def replicas_agree(model, world_size):
+    """Max difference across ranks of a fingerprint (sum and sum of squares) of every
+    parameter, trainable and BN statistics separately: DataParallel keeps the trainable
+    weights identical; each rank's BN running statistics follow its own batches."""
+    import paddle.distributed as dist
+    groups = {"trainable": [], "bn_stats": []}
+    for name, p in model.named_parameters():
+        x = p.astype("float64")
+        groups["bn_stats" if name.endswith(("_mean", "_variance")) else "trainable"] += [x.sum().item(), (x * x).sum().item()]
+    out = {}
+    for key, values in groups.items():
+        t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+        gathered = []
+        dist.all_gather(gathered, t)
+        stacked = np.stack([g.numpy() for g in gathered])
+        out[key] = float(np.abs(stacked - stacked[0]).max()) if stacked.size else 0.0
+    return out
 
 
 def build_model(cfg, num_classes):
@@ -67,9 +130,11 @@ def total_iterations(cfg, iters_per_epoch):
     return min(total, cfg.max_iters) if cfg.max_iters else total
 
 
-def build_optimizer(cfg, parameters, iters_per_epoch):
-    """(optimizer, LR scheduler). The scheduler is stepped once per iteration."""
+def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
+    """(optimizer, LR scheduler). The scheduler is stepped once per iteration.
+    lr_scale: the linear scaling rule (Goyal et al. 2017) for a larger global batch."""
     total = total_iterations(cfg, iters_per_epoch)
+    cfg = dataclasses.replace(cfg, lr=cfg.lr * lr_scale)
     if cfg.schedule == "cosine":
         sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=max(total - cfg.warmup_iters, 1))
     elif cfg.schedule == "step":
@@ -226,9 +291,18 @@ def epoch_batches(dataset, cfg, epoch, world_size=1, rank=0):
 
 
 # --------------------------------------------------------------------------- evaluate
+def eval_loader(dataset, batch_size, num_workers, world_size=1, rank=0):
+    """This rank's share of ``dataset`` for evaluation: every world_size-th sample, no
+    padding (DistributedBatchSampler pads with repeats, which would count twice)."""
+    shard = list(range(rank, len(dataset), world_size))
+    return make_loader(dataset, batch_size, num_workers,
+                       [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)])
+
+
 @paddle.no_grad()
-def evaluate(model, loader, num_classes):
-    """Top-1/top-5 accuracy, mean loss and the confusion matrix (rows: true, cols: predicted)."""
+def evaluate(model, loader, num_classes, world_size=1):
+    """Top-1/top-5 accuracy, mean loss and the confusion matrix (rows: true, cols: predicted),
+    summed over the ranks' shards when world_size > 1."""
     model.eval()
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum, top5, n = 0.0, 0, 0
@@ -243,6 +317,10 @@ def evaluate(model, loader, num_classes):
         np.add.at(confusion, (y, topk[:, 0]), 1)
         n += len(y)
     seconds = time.time() - start
+    if world_size > 1:
+        summed = all_sum(np.concatenate([confusion.ravel(), [loss_sum, top5, n]]), world_size)
+        confusion = summed[:-3].round().astype(np.int64).reshape(confusion.shape)
+        loss_sum, top5, n = summed[-3], int(round(summed[-2])), int(round(summed[-1]))
     correct = np.trace(confusion)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     return dict(n=n, loss=loss_sum / max(n, 1), top1=float(correct / max(n, 1)), top5=top5 / max(n, 1),
@@ -346,6 +424,10 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     device = select_device(cfg.device)
     if cfg.amp and device != "gpu":
         raise RunError("--amp needs a GPU: Paddle's CPU kernels have no fp16/bf16 path; drop --amp")
+    world, me = init_distributed()
+    if cfg.sync_bn and device != "gpu" and world > 1:
+        raise RunError("--sync-bn needs GPUs: Paddle has no CPU kernel for SyncBatchNorm; drop --sync-bn")
+    main_rank = me == 0
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     num_classes = len(class_names)
@@ -357,10 +439,10 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     if parameters is None:
         parameters = [p for p in model.parameters() if not p.stop_gradient]
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
-    iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    opt, sched = build_optimizer(cfg, parameters, iters_per_epoch)
+    global_batch = cfg.batch_size * world
+    iters_per_epoch = math.ceil(len(train_set) / global_batch)
+    opt, sched = build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=world if cfg.scale_lr else 1)
     scaler = paddle.amp.GradScaler() if cfg.amp and cfg.amp_dtype == "float16" else None
-    ctx = dict(amp=cfg.amp, scaler=scaler, max_iters=cfg.max_iters)
 
     start_epoch, history, best = 0, [], dict(val_acc=-1.0, epoch=0)
     progress = None
@@ -374,11 +456,22 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
         progress = resume_state.get("progress")  # set when interrupted inside an epoch
         set_rng_state(resume_state["rng"])
         log(f"resumed from {out} at epoch {start_epoch + 1}" + (f", step {progress['step']}" if progress else ""))
-    save_yaml(cfg, os.path.join(out, "config.yaml"))
+    # ``model`` stays the plain network: its state dict has no wrapper prefix, so a
+    # checkpoint from a launch loads in a single process and the other way round
+    net = model
+    if world > 1:
+        if cfg.sync_bn:
+            net = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            model = net
+        net = paddle.DataParallel(net)  # broadcasts rank 0's weights, all-reduces gradients
+    ctx = dict(amp=cfg.amp, scaler=scaler, max_iters=cfg.max_iters, world=world)
+    if main_rank:
+        save_yaml(cfg, os.path.join(out, "config.yaml"))
     n_train = sum(int(np.prod(p.shape)) for p in parameters)
-    log(f"model {cfg.model}: {n_train:,} trainable parameters | device {device} | "
+    log(f"model {cfg.model}: {n_train:,} trainable parameters | device {device} x {world} | "
         f"train {len(train_set)} val {len(val_set) if val_set else 0} test {len(test_set) if test_set else 0} | "
-        f"batch {cfg.batch_size}, {iters_per_epoch} iterations/epoch, {cfg.epochs} epochs")
+        f"batch {cfg.batch_size} per device, global batch {global_batch}, {iters_per_epoch} iterations/epoch, "
+        f"{cfg.epochs} epochs, lr {opt.get_lr():g}")
 
     def state(epoch, progress=None):
         return dict(model=model.state_dict(), optimizer=optimizer_state(opt, model), scheduler=sched.state_dict(),
@@ -388,7 +481,8 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
                     paddle_version=paddle.__version__, **(extra_state or {}))
 
     eval_bs = max(cfg.batch_size, 256)
-    val_loader = make_loader(val_set, eval_bs, cfg.num_workers) if val_set is not None and len(val_set) else None
+    has_val = val_set is not None and len(val_set) > 0
+    val_loader = eval_loader(val_set, eval_bs, cfg.num_workers, world, me) if has_val else None
     run_start, epoch_times = time.time(), []
     iteration = history[-1]["iteration"] if history else 0
     epoch = start_epoch
@@ -400,18 +494,19 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             if progress is None:
                 progress = dict(step=0, seen=0, loss_sum=0.0, correct=0, iteration=iteration)
             train_set.set_epoch(epoch)
-            batches = epoch_batches(train_set, cfg, epoch)[progress["step"]:]
+            batches = epoch_batches(train_set, cfg, epoch, world, me)[progress["step"]:]
             loader = make_loader(train_set, cfg.batch_size, cfg.num_workers, batches)
-            train_one_epoch(model, loader, opt, sched, cfg, ctx, epoch, progress)
+            train_one_epoch(net, loader, opt, sched, cfg, ctx, epoch, progress)
             iteration = progress["iteration"]
             train_time = time.time() - t0
-            row = dict(epoch=epoch + 1, iteration=iteration, lr=opt.get_lr(),
-                       train_loss=as_number(progress["loss_sum"]) / progress["seen"],
-                       train_acc=as_number(progress["correct"]) / progress["seen"], val_loss="", val_acc="",
-                       train_img_per_s=progress["seen"] / train_time if train_time > 0 else "")
+            loss_sum, correct, seen = all_sum([as_number(progress["loss_sum"]), as_number(progress["correct"]),
+                                               progress["seen"]], world)
+            row = dict(epoch=epoch + 1, iteration=iteration, lr=opt.get_lr(), train_loss=loss_sum / seen,
+                       train_acc=correct / seen, val_loss="", val_acc="",
+                       train_img_per_s=seen / train_time if train_time > 0 else "")
             progress = None
             if val_loader is not None:
-                v = evaluate(model, val_loader, num_classes)
+                v = evaluate(model, val_loader, num_classes, world)
                 row.update(val_loss=v["loss"], val_acc=v["top1"])
             row["epoch_time_s"] = time.time() - t0
             history.append(row)
@@ -419,11 +514,12 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             improved = val_loader is not None and row["val_acc"] > best["val_acc"]
             if improved:
                 best = dict(val_acc=row["val_acc"], epoch=epoch + 1)
-            save_checkpoint(os.path.join(out, LAST), state(epoch + 1))
-            if improved:
-                save_checkpoint(os.path.join(out, BEST), state(epoch + 1))
-            write_metrics(os.path.join(out, "metrics.csv"), history)
-            plot_curves(os.path.join(out, "curves.png"), history, title=f"{cfg.model}")
+            if main_rank:
+                save_checkpoint(os.path.join(out, LAST), state(epoch + 1))
+                if improved:
+                    save_checkpoint(os.path.join(out, BEST), state(epoch + 1))
+                write_metrics(os.path.join(out, "metrics.csv"), history)
+                plot_curves(os.path.join(out, "curves.png"), history, title=f"{cfg.model}")
             left = cfg.epochs - epoch - 1
             if cfg.max_iters:
                 left = min(left, math.ceil(max(cfg.max_iters - iteration, 0) / iters_per_epoch))
@@ -432,9 +528,10 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | {val_text}"
                 f"lr {row['lr']:.5f} | run eta {format_seconds(np.mean(epoch_times) * left)}")
     except KeyboardInterrupt:
-        if progress is not None and progress["step"] > 0:
+        if main_rank and progress is not None and progress["step"] > 0 and world == 1:
             progress = dict(progress, loss_sum=as_number(progress["loss_sum"]), correct=as_number(progress["correct"]))
             save_checkpoint(os.path.join(out, LAST), state(epoch, progress))
+        # under launch a mid-epoch position is not saved: the ranks' sums are not reduced
         if os.path.exists(os.path.join(out, LAST)):
             log(f"\ninterrupted: checkpoint in {os.path.join(out, LAST)}; continue with --resume {out}")
         else:
@@ -442,10 +539,16 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
         sys.exit(130)
 
     log(f"training done in {format_seconds(time.time() - run_start)}")
-    return final_report(cfg, model, test_set, num_classes, out, best, history)
+    if world > 1:
+        agree = replicas_agree(model, world)
+        log(f"replicas: trainable weights differ across {world} ranks by at most {agree['trainable']:g}; "
+            f"BN running statistics by {agree['bn_stats']:g} (each rank's own batches; rank 0's are saved)")
+        import paddle.distributed as dist
+        dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
+    return final_report(cfg, model, test_set, num_classes, out, best, history, world, me)
 
 
-def final_report(cfg, model, test_set, num_classes, out, best, history):
+def final_report(cfg, model, test_set, num_classes, out, best, history, world=1, me=0):
     """Write results.yaml: the last epoch's figures, and the test accuracy of the final
     and of the best-on-validation model (reported, never used to choose)."""
     last = history[-1]
@@ -455,17 +558,19 @@ def final_report(cfg, model, test_set, num_classes, out, best, history):
                   final_val_acc=last["val_acc"] if last["val_acc"] != "" else None,
                   best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)
     if test_set is not None and len(test_set):
-        loader = make_loader(test_set, max(cfg.batch_size, 256), cfg.num_workers)
-        final = evaluate(model, loader, num_classes)
+        loader = eval_loader(test_set, max(cfg.batch_size, 256), cfg.num_workers, world, me)
+        final = evaluate(model, loader, num_classes, world)
         result["final_test_acc"] = final["top1"]
         log(f"final model (epoch {last['epoch']}): test acc {final['top1']:.4f}")
         if best["epoch"]:
             b = final
             if best["epoch"] != last["epoch"]:  # else the best model is the final one
                 models.load_weights(model, load_checkpoint(os.path.join(out, BEST))["model"])
-                b = evaluate(model, loader, num_classes)
+                b = evaluate(model, loader, num_classes, world)
             result["best_test_acc"] = b["top1"]
             log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
+    if me != 0:
+        return result
     path = os.path.join(out, "results.yaml")  # its presence marks a finished run: write atomically
     with open(path + ".tmp", "w") as f:
         yaml.safe_dump({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}, f, sort_keys=False)
