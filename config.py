@@ -39,6 +39,7 @@ class TrainConfig:
     val_size: int = 5000             # held out of the 50k training images, for model selection
     subset: int = 0                  # train on the first N training images (0: all)
     num_workers: int = 2
+    loader: str = "dataloader"       # dataloader (workers + PIL transforms) | device (CIFAR on the GPU, batched ops)
     # run
     seed: int = 0
     device: str = "auto"             # auto (GPU when Paddle has one) | cpu | gpu
@@ -66,7 +67,7 @@ class FinetuneConfig(TrainConfig):
     log_every: int = 5
 
 
-CHOICES = dict(strategy=("full", "last", "head"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
+CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "none"), device=("auto", "cpu", "gpu"),
                amp_dtype=("float16", "bfloat16"))
 

@@ -177,3 +177,68 @@ def image_folder_splits(cfg):
     splits = dict(train=SplitDataset(base, sorted(train_idx), imagenet_train_transform(cfg.image_size), seed=cfg.seed),
                   val=SplitDataset(base, sorted(val_idx), eval_transform(preprocess)))
     return splits, list(base.classes), preprocess
+
+
+# ------------------------------------------------------- device-resident CIFAR loader
+class DeviceCifarLoader:
+    """The training split as one uint8 tensor on the device; each batch is gathered,
+    padded, randomly cropped and flipped with batched tensor ops: no workers, no PIL,
+    no host-to-device copy per step (in the spirit of airbench's CIFAR-10 loader).
+
+    The crop offsets and flips are drawn per (seed, epoch, image) like the PIL pipeline's,
+    so runs are reproducible and resume exactly. Same augmentations as ``crop_flip``
+    (zero padding of 4, random 32x32 crop, horizontal flip), ``flip`` or ``none``.
+    """
+
+    def __init__(self, split, augment, seed):
+        images, labels = [], []
+        for i in split.indices:
+            image, label = split.base[i]
+            images.append(np.asarray(image, dtype=np.uint8))
+            labels.append(int(label))
+        # [N, 3, 32, 32] uint8 on the device: 150 MB for the 50k training images
+        self.images = paddle.to_tensor(np.stack(images).transpose(0, 3, 1, 2))
+        self.labels = paddle.to_tensor(np.asarray(labels, dtype=np.int64))
+        self.mean = paddle.to_tensor(np.asarray(CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1) * 255)
+        self.std = paddle.to_tensor(np.asarray(CIFAR10_STD, np.float32).reshape(1, 3, 1, 1) * 255)
+        self.augment, self.seed, self.pad = augment, seed, 4 if augment == "crop_flip" else 0
+
+    def draws(self, epoch):
+        """(dy, dx, flip) for every image of ``epoch``, indexed by position in the split."""
+        n = self.labels.shape[0]
+        rs = np.random.RandomState([self.seed, epoch, 7])
+        dy = rs.randint(0, 2 * self.pad + 1, n)
+        dx = rs.randint(0, 2 * self.pad + 1, n)
+        flip = rs.rand(n) < 0.5 if self.augment in ("crop_flip", "flip") else np.zeros(n, bool)
+        return dy, dx, flip
+
+    def batch(self, idx, dy, dx, flip):
+        """float32 [B, 3, 32, 32] normalised images and int64 [B] labels for positions ``idx``."""
+        idx_t = paddle.to_tensor(np.asarray(idx, dtype=np.int64))
+        x = paddle.gather(self.images, idx_t).astype("float32")
+        if self.pad:
+            x = paddle.nn.functional.pad(x, [self.pad] * 4)  # zeros, as RandomCrop(padding=4)
+            size = x.shape[-1] - 2 * self.pad
+            ar = np.arange(size)
+            rows = paddle.to_tensor((dy[idx][:, None] + ar).astype(np.int64))  # [B, 32]
+            cols = paddle.to_tensor((dx[idx][:, None] + ar).astype(np.int64))
+            b, c = x.shape[0], x.shape[1]
+            x = paddle.take_along_axis(x, rows.reshape([b, 1, size, 1]).expand([b, c, size, x.shape[-1]]), axis=2)
+            x = paddle.take_along_axis(x, cols.reshape([b, 1, 1, size]).expand([b, c, size, size]), axis=3)
+        f = paddle.to_tensor(flip[idx].reshape(-1, 1, 1, 1))
+        x = paddle.where(f, x.flip([3]), x)
+        return (x - self.mean) / self.std, paddle.gather(self.labels, idx_t)
+
+    def epoch(self, epoch, batches):
+        """An iterable over ``batches`` (lists of positions) for ``epoch``, with len()."""
+        draws = self.draws(epoch)
+        loader = self
+
+        class Epoch:
+            def __len__(self):
+                return len(batches)
+
+            def __iter__(self):
+                for idx in batches:
+                    yield loader.batch(idx, *draws)
+        return Epoch()

@@ -483,6 +483,10 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     eval_bs = max(cfg.batch_size, 256)
     has_val = val_set is not None and len(val_set) > 0
     val_loader = eval_loader(val_set, eval_bs, cfg.num_workers, world, me) if has_val else None
+    device_loader = None
+    if cfg.loader == "device":
+        from data import DeviceCifarLoader
+        device_loader = DeviceCifarLoader(train_set, cfg.augment, cfg.seed)
     run_start, epoch_times = time.time(), []
     iteration = history[-1]["iteration"] if history else 0
     epoch = start_epoch
@@ -495,7 +499,10 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
                 progress = dict(step=0, seen=0, loss_sum=0.0, correct=0, iteration=iteration)
             train_set.set_epoch(epoch)
             batches = epoch_batches(train_set, cfg, epoch, world, me)[progress["step"]:]
-            loader = make_loader(train_set, cfg.batch_size, cfg.num_workers, batches)
+            if device_loader is not None:
+                loader = device_loader.epoch(epoch, batches)
+            else:
+                loader = make_loader(train_set, cfg.batch_size, cfg.num_workers, batches)
             train_one_epoch(net, loader, opt, sched, cfg, ctx, epoch, progress)
             iteration = progress["iteration"]
             train_time = time.time() - t0

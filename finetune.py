@@ -70,6 +70,8 @@ def main(argv=None):
             # a checkpoint of ours: its architecture (a CIFAR stem, say) decides the model
             source = engine.config_from_checkpoint(engine.load_checkpoint(cfg.pretrained))
             cfg = config.make_config(dict(model=source.model, stem=source.stem), base=cfg)
+        if cfg.loader != "dataloader":
+            raise config.ConfigError("--loader device is for CIFAR-10 (train_cifar10.py); use --loader dataloader")
         datasets, classes, preprocess = data.image_folder_splits(cfg)
         import paddle
         paddle.seed(cfg.seed)  # the new classifier's initial weights

@@ -1,0 +1,350 @@
+"""Speed benchmark: images/s of a training step or an evaluation forward pass.
+
+    python bench.py --model resnet18 --stem cifar --batch-size 128 --mode train
+    python bench.py --model resnet20 --mode eval --batch-size 256 --compare ours,paddle.vision,torch
+    python bench.py --model resnet18 --mode eval --impl inference     # exported model, paddle.inference
+    python bench.py --pipeline --data-file ../data/cifar-10-python.tar.gz
+    python bench.py --loop --data-file ../data/cifar-10-python.tar.gz --model resnet20 --subset 2560
+
+Random input, median of --steps timed steps after --warmup untimed ones (min and max
+too), ms/step and peak memory (CPU: the process's peak RSS; GPU: Paddle's peak
+allocation). --compare runs each implementation in its own process, so thread pools
+and allocators do not interfere, and prints them side by side:
+  ours           models/ in Paddle dygraph
+  paddle.vision  paddle.vision.models.resnet (its ResNet given our CIFAR stem where asked)
+  inference      ours exported with paddle.jit.save, run by paddle.inference (eval only)
+  torch          the same architecture in PyTorch (optional: pip install torch==2.13.0)
+--pipeline times the input pipeline alone (DataLoader + training transforms on the
+real archive); --loop times one real epoch and reports its wall time over the sum of
+its compute steps (the loop's overhead).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import models  # noqa: F401  (CPU settings before paddle loads)
+
+
+# ------------------------------------------------------------------ model builders
+def paddle_model(impl, name, stem, num_classes):
+    import paddle.nn as nn
+    if impl == "ours":
+        kwargs = dict(stem=stem) if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152") else {}
+        return models.get_model(name, num_classes=num_classes, **kwargs)
+    import paddle.vision.models as pvm
+    if not hasattr(pvm, name):
+        raise SystemExit(f"error: paddle.vision has no {name}")
+    model = getattr(pvm, name)(num_classes=num_classes)
+    if stem == "cifar":  # the same CIFAR stem as ours: 3x3/1 conv, no max-pool
+        model.conv1 = nn.Conv2D(3, 64, 3, padding=1, bias_attr=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def torch_model(name, stem, num_classes):
+    """Our architectures in PyTorch, for comparison only (torchvision does not install
+    beside the CPU torch wheel here, and has no CIFAR stem nor the paper's CIFAR nets)."""
+    import torch.nn as tnn
+    import torch.nn.functional as TF
+
+    class Block(tnn.Module):
+        expansion = 1
+
+        def __init__(self, cin, c, stride, shortcut):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, c, 3, stride, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(c)
+            self.conv2 = tnn.Conv2d(c, c, 3, 1, 1, bias=False)
+            self.bn2 = tnn.BatchNorm2d(c)
+            self.shortcut, self.downsample, self.extra, self.stride = shortcut, None, c - cin, stride
+            if shortcut == "B" and (stride != 1 or cin != c):
+                self.downsample = tnn.Sequential(tnn.Conv2d(cin, c, 1, stride, bias=False), tnn.BatchNorm2d(c))
+
+        def forward(self, x):
+            out = TF.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            if self.downsample is not None:
+                x = self.downsample(x)
+            elif self.shortcut == "A" and (self.stride != 1 or self.extra):
+                x = x[:, :, ::self.stride, ::self.stride]
+                x = TF.pad(x, (0, 0, 0, 0, 0, self.extra))
+            return TF.relu(out + x)
+
+    class Bottleneck(tnn.Module):
+        expansion = 4
+
+        def __init__(self, cin, c, stride, shortcut):
+            super().__init__()
+            self.conv1, self.bn1 = tnn.Conv2d(cin, c, 1, bias=False), tnn.BatchNorm2d(c)
+            self.conv2, self.bn2 = tnn.Conv2d(c, c, 3, stride, 1, bias=False), tnn.BatchNorm2d(c)
+            self.conv3, self.bn3 = tnn.Conv2d(c, 4 * c, 1, bias=False), tnn.BatchNorm2d(4 * c)
+            self.downsample = None
+            if stride != 1 or cin != 4 * c:
+                self.downsample = tnn.Sequential(tnn.Conv2d(cin, 4 * c, 1, stride, bias=False), tnn.BatchNorm2d(4 * c))
+
+        def forward(self, x):
+            out = TF.relu(self.bn1(self.conv1(x)))
+            out = TF.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            return TF.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class Net(tnn.Module):
+        def __init__(self, block, layers, widths, stem, shortcut):
+            super().__init__()
+            k, s = (3, 1) if stem == "cifar" else (7, 2)
+            self.conv1 = tnn.Conv2d(3, widths[0], k, s, k // 2, bias=False)
+            self.bn1 = tnn.BatchNorm2d(widths[0])
+            self.maxpool = tnn.Identity() if stem == "cifar" else tnn.MaxPool2d(3, 2, 1)
+            blocks, cin = [], widths[0]
+            for i, (n, c) in enumerate(zip(layers, widths)):
+                for j in range(n):
+                    blocks.append(block(cin, c, 2 if i > 0 and j == 0 else 1, shortcut))
+                    cin = c * block.expansion
+            self.blocks = tnn.Sequential(*blocks)
+            self.fc = tnn.Linear(cin, num_classes)
+
+        def forward(self, x):
+            x = self.maxpool(TF.relu(self.bn1(self.conv1(x))))
+            x = self.blocks(x)
+            return self.fc(TF.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    from models.resnet import IMAGENET_LAYERS
+    if name.startswith("resnet") and int(name[6:]) in IMAGENET_LAYERS:
+        block, layers = IMAGENET_LAYERS[int(name[6:])]
+        return Net(Bottleneck if block.expansion == 4 else Block, layers, (64, 128, 256, 512), stem, "B")
+    n = (int(name[6:]) - 2) // 6
+    return Net(Block, (n, n, n), (16, 32, 64), "cifar", "A")
+
+
+# ----------------------------------------------------------------------- timing
+def time_steps(step, steps, warmup, sync=lambda: None):
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_paddle(args):
+    import numpy as np
+    import paddle
+    import paddle.nn.functional as F
+    device = "gpu" if args.device == "gpu" or (args.device == "auto" and paddle.is_compiled_with_cuda()
+                                               and paddle.device.cuda.device_count() > 0) else "cpu"
+    paddle.set_device(device)
+    paddle.seed(0)
+    shape = [args.batch_size, 3, args.image_size, args.image_size]
+    x = paddle.to_tensor(np.random.RandomState(0).randn(*shape).astype("float32"))
+    y = paddle.to_tensor(np.random.RandomState(1).randint(0, args.num_classes, args.batch_size).astype("int64"))
+    sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
+    if args.impl == "inference":
+        if args.mode != "eval":
+            raise SystemExit("error: --impl inference is evaluation only (--mode eval)")
+        import predictors
+        model = paddle_model("ours", args.model, args.stem, args.num_classes)
+        model.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = [paddle.static.InputSpec([None, 3, args.image_size, args.image_size], "float32", "image")]
+            paddle.jit.save(model, os.path.join(tmp, "model"), input_spec=spec)
+            with open(os.path.join(tmp, predictors.META), "w") as f:
+                json.dump(dict(class_names=[str(i) for i in range(args.num_classes)], preprocess={}), f)
+            predictor = predictors.InferenceModelPredictor(tmp, device)
+            batch = x.numpy()
+            times = time_steps(lambda: predictor(batch), args.steps, args.warmup)
+        return times, device
+    model = paddle_model(args.impl, args.model, args.stem, args.num_classes)
+    if args.to_static:
+        model = paddle.jit.to_static(model)
+    if args.mode == "train":
+        model.train()
+        opt = paddle.optimizer.Momentum(0.01, momentum=0.9, parameters=model.parameters(), weight_decay=5e-4)
+
+        def step():
+            with paddle.amp.auto_cast(enable=args.amp, dtype=args.amp_dtype):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.clear_grad()
+    else:
+        model.eval()
+
+        @paddle.no_grad()
+        def step():
+            with paddle.amp.auto_cast(enable=args.amp, dtype=args.amp_dtype):
+                model(x)
+    return time_steps(step, args.steps, args.warmup, sync), device
+
+
+def bench_torch(args):
+    import torch
+    import torch.nn.functional as TF
+    torch.manual_seed(0)
+    device = "cuda" if args.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
+    model = torch_model(args.model, args.stem, args.num_classes).to(device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if args.mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
+
+        def step():
+            loss = TF.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+    return time_steps(step, args.steps, args.warmup, sync), device
+
+
+def peak_memory_mb(device):
+    if device == "gpu":
+        import paddle
+        return paddle.device.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_one(args):
+    times, device = bench_torch(args) if args.impl == "torch" else bench_paddle(args)
+    med = statistics.median(times)
+    return dict(impl=args.impl, model=args.model, stem=args.stem, mode=args.mode, batch_size=args.batch_size,
+                image_size=args.image_size, device=device, threads=os.environ.get("OMP_NUM_THREADS"),
+                images_per_s=args.batch_size / med, images_per_s_min=args.batch_size / max(times),
+                images_per_s_max=args.batch_size / min(times), ms_per_step=1000 * med, steps=len(times),
+                peak_memory_mb=round(peak_memory_mb(device if args.impl != "torch" else "cpu"), 1))
+
+
+def describe(r):
+    return (f"{r['impl']:<14} {r['model']} ({r['stem']}) {r['mode']} batch {r['batch_size']} @{r['image_size']} "
+            f"on {r['device']}: {r['images_per_s']:.1f} img/s (min {r['images_per_s_min']:.1f}, "
+            f"max {r['images_per_s_max']:.1f}), {r['ms_per_step']:.0f} ms/step, peak memory {r['peak_memory_mb']:.0f} MB")
+
+
+# ------------------------------------------------------------ pipeline and loop
+def bench_pipeline(args):
+    """The input pipeline alone: the training DataLoader over the real archive, no model."""
+    import config
+    import data
+    import engine
+    cfg = config.make_config(dict(data_file=args.data_file, subset=args.subset, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, val_size=args.val_size))
+    train = data.cifar10_splits(cfg)["train"]
+    batches = engine.epoch_batches(train, cfg, 0)
+    n, start = 0, time.perf_counter()
+    for images, labels in engine.make_loader(train, cfg.batch_size, cfg.num_workers, batches):
+        n += labels.shape[0]
+    seconds = time.perf_counter() - start
+    return dict(kind="pipeline", images=n, seconds=seconds, images_per_s=n / seconds,
+                num_workers=args.num_workers, batch_size=args.batch_size)
+
+
+def bench_loop(args):
+    """One real training epoch: its wall time against the sum of its compute steps
+    (forward, backward, update, each synchronised): the difference is the loop's
+    overhead (waiting for data, logging, Python)."""
+    import paddle
+    import config
+    import data
+    import engine
+    cfg = config.make_config(dict(model=args.model, stem=args.stem, data_file=args.data_file, subset=args.subset,
+                                  val_size=args.val_size,
+                                  batch_size=args.batch_size, num_workers=args.num_workers, epochs=1,
+                                  log_every=10 ** 9, device=args.device))
+    device = engine.select_device(cfg.device)
+    sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
+    train = data.cifar10_splits(cfg)["train"]
+    model = engine.build_model(cfg, 10)
+    opt, sched = engine.build_optimizer(cfg, model.parameters(), len(train) // cfg.batch_size + 1)
+    compute = []
+    original = model.forward
+
+    def timed_forward(x):  # the compute of one step = forward .. optimizer update
+        sync()
+        timed_forward.t = time.perf_counter()
+        return original(x)
+    model.forward = timed_forward
+    original_clear = opt.clear_grad
+
+    def timed_clear(*a, **k):
+        sync()
+        compute.append(time.perf_counter() - timed_forward.t)
+        return original_clear(*a, **k)
+    opt.clear_grad = timed_clear
+    progress = dict(step=0, seen=0, loss_sum=0.0, correct=0, iteration=0)
+    ctx = dict(amp=False, scaler=None, max_iters=0, world=1)
+    loader = engine.make_loader(train, cfg.batch_size, cfg.num_workers, engine.epoch_batches(train, cfg, 0))
+    start = time.perf_counter()
+    engine.train_one_epoch(model, loader, opt, sched, cfg, ctx, 0, progress)
+    sync()
+    wall = time.perf_counter() - start
+    return dict(kind="loop", model=args.model, images=progress["seen"], wall_s=wall, compute_s=sum(compute),
+                overhead_pct=100 * (wall - sum(compute)) / wall, num_workers=args.num_workers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Images/s of ResNet training and evaluation.")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--mode", choices=["train", "eval"], default="train")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--impl", default="ours", choices=["ours", "paddle.vision", "inference", "torch"])
+    parser.add_argument("--compare", help="comma-separated impls, each timed in its own process")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--to-static", action="store_true", help="paddle.jit.to_static the model")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--pipeline", action="store_true", help="time the input pipeline alone")
+    parser.add_argument("--loop", action="store_true", help="time one real epoch and its overhead")
+    parser.add_argument("--data-file", default="")
+    parser.add_argument("--subset", type=int, default=0)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="one JSON line per result")
+    args = parser.parse_args(argv)
+    if args.pipeline or args.loop:
+        result = bench_pipeline(args) if args.pipeline else bench_loop(args)
+        print(json.dumps(result) if args.json else
+              " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        return [result]
+    if args.compare:
+        results = []
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        i = rest.index("--compare")
+        rest = rest[:i] + rest[i + 2:]
+        for impl in args.compare.split(","):
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--impl", impl, "--json"],
+                                  capture_output=True, text=True)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+            if proc.returncode or not line:
+                print(f"{impl:<14} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+                continue
+            results.append(json.loads(line[-1]))
+            print(json.dumps(results[-1]) if args.json else describe(results[-1]), flush=True)
+        return results
+    result = run_one(args)
+    print(json.dumps(result) if args.json else describe(result))
+    return [result]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Correctness of the speed paths: the device loader, the inference model, bench.py."""
+import numpy as np
+import paddle
+import pytest
+
+import bench
+import config
+import data
+import engine
+import models
+import train_cifar10
+from helpers import interrupt_in_epoch, make_cifar_archive
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_cifar_archive(tmp_path_factory.mktemp("d") / "c.tar.gz", n_train=100, n_test=20)
+
+
+def test_device_loader_shapes_labels_and_augmentation(archive):
+    cfg = config.make_config(dict(data_file=archive, val_size=20, seed=3))
+    split = data.cifar10_splits(cfg)["train"]
+    loader = data.DeviceCifarLoader(split, "crop_flip", cfg.seed)
+    batches = engine.epoch_batches(split, config.make_config(dict(batch_size=32, seed=3)), 0)
+    epoch = loader.epoch(0, batches)
+    assert len(epoch) == 3
+    dy, dx, flip = loader.draws(0)
+    assert set(dy) <= set(range(9)) and flip.any() and not flip.all()
+    seen = []
+    for idx, (x, y) in zip(batches, epoch):
+        assert x.shape == [len(idx), 3, 32, 32] and x.dtype == paddle.float32 and y.dtype == paddle.int64
+        for j, i in enumerate(idx):  # the same image by hand: pad 4, crop at (dy, dx), flip, normalise
+            image, label = split.base[split.indices[i]]
+            img = np.pad(np.asarray(image, np.float32).transpose(2, 0, 1), ((0, 0), (4, 4), (4, 4)))
+            img = img[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+            if flip[i]:
+                img = img[:, :, ::-1]
+            expected = (img / 255 - np.reshape(data.CIFAR10_MEAN, (3, 1, 1))) / np.reshape(data.CIFAR10_STD, (3, 1, 1))
+            np.testing.assert_allclose(x.numpy()[j], expected, atol=1e-5)
+            assert int(y.numpy()[j]) == int(label)
+        seen += idx
+    assert sorted(seen) == list(range(len(split)))
+    other = data.DeviceCifarLoader(split, "crop_flip", cfg.seed).draws(1)
+    assert not np.array_equal(other[0], dy)  # a new epoch draws new crops
+
+
+def test_training_with_device_loader_resumes_exactly(archive, tmp_path, monkeypatch):
+    args = ["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "32",
+            "--epochs", "2", "--loader", "device", "--num-workers", "0"]
+    train_cifar10.main(args + ["--output-dir", str(tmp_path / "a")])
+    original = engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(original, 1, 1))
+    with pytest.raises(SystemExit):
+        train_cifar10.main(args + ["--output-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    train_cifar10.main(["--resume", str(tmp_path / "b")])
+    a = engine.load_checkpoint(str(tmp_path / "a" / "last.pdckpt"))["model"]
+    b = engine.load_checkpoint(str(tmp_path / "b" / "last.pdckpt"))["model"]
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_paddle_vision_and_torch_models_match_ours_in_size(name):
+    ours = bench.paddle_model("ours", name, "cifar", 10)
+    n = sum(p.size for p in ours.parameters() if not p.stop_gradient)
+    if name == "resnet18":
+        pv = bench.paddle_model("paddle.vision", name, "cifar", 10)
+        assert sum(p.size for p in pv.parameters() if not p.stop_gradient) == n
+        assert pv(paddle.rand([2, 3, 32, 32])).shape == [2, 10]
+    torch = pytest.importorskip("torch")
+    tm = bench.torch_model(name, "cifar", 10)
+    assert sum(p.numel() for p in tm.parameters()) == n
+    assert tuple(tm(torch.rand(2, 3, 32, 32)).shape) == (2, 10)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bench_runs_and_reports(mode, capsys):
+    (r,) = bench.main(["--model", "resnet20", "--mode", mode, "--batch-size", "8", "--steps", "2", "--warmup", "1"])
+    assert r["images_per_s"] > 0 and r["steps"] == 2 and r["peak_memory_mb"] > 0
+    assert "img/s" in capsys.readouterr().out
+
+
+def test_inference_model_matches_dygraph(tmp_path):
+    import json
+    import predictors
+    paddle.seed(0)
+    model = models.resnet20()
+    model.eval()
+    spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32", "image")]
+    paddle.jit.save(model, str(tmp_path / "model"), input_spec=spec)
+    (tmp_path / predictors.META).write_text(json.dumps(dict(class_names=list("abcdefghij"), preprocess={})))
+    x = np.random.RandomState(0).randn(16, 3, 32, 32).astype("float32")
+    fast = predictors.InferenceModelPredictor(str(tmp_path), "cpu")(x)
+    slow = model(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=1e-4)
+    assert (fast.argmax(1) == slow.argmax(1)).all()
+
+
+def test_bench_pipeline_and_loop(archive, capsys):
+    common = ["--data-file", archive, "--val-size", "20", "--batch-size", "16", "--num-workers", "0"]
+    (p,) = bench.main(["--pipeline"] + common)
+    assert p["images"] == 80 and p["images_per_s"] > 0
+    (l,) = bench.main(["--loop", "--model", "resnet20"] + common)
+    assert l["images"] == 80 and 0 < l["compute_s"] < l["wall_s"] and 0 < l["overhead_pct"] < 100
