@@ -302,8 +302,10 @@ def eval_loader(dataset, batch_size, num_workers, world_size=1, rank=0):
 @paddle.no_grad()
 def evaluate(model, loader, num_classes, world_size=1):
     """Top-1/top-5 accuracy, mean loss and the confusion matrix (rows: true, cols: predicted),
-    summed over the ranks' shards when world_size > 1."""
-    model.eval()
+    summed over the ranks' shards when world_size > 1. ``model``: a Layer, or any callable
+    from an image batch to logits (an inference-model predictor)."""
+    if isinstance(model, paddle.nn.Layer):
+        model.eval()
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum, top5, n = 0.0, 0, 0
     start = time.time()

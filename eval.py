@@ -46,6 +46,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--inference", action="store_true",
+                        help="the fast path: export the model and run it through paddle.inference "
+                             "(oneDNN and conv+BN fusion on the CPU)")
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
     try:
@@ -60,6 +63,16 @@ def main(argv=None):
             raise engine.RunError(f"the run has no {args.split} split (val_size was 0); use --split test")
         loader = engine.make_loader(dataset, args.batch_size, args.num_workers)
         class_names = state["class_names"]
+        if args.inference:
+            import tempfile
+            import paddle
+            import predictors
+            with tempfile.TemporaryDirectory() as tmp:
+                predictors.export(path, tmp)
+                predictor = predictors.InferenceModelPredictor(tmp, args.device)
+
+            def model(images):  # the predictor's numpy logits, as a tensor for evaluate()
+                return paddle.to_tensor(predictor(images.numpy()))
         r = engine.evaluate(model, loader, len(class_names))
     except (config.ConfigError, data.DataError, engine.RunError) as e:
         sys.exit(f"error: {e}")
@@ -68,6 +81,7 @@ def main(argv=None):
     plot_confusion(png, r["confusion"], class_names,
                    f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],
+                  path="paddle.inference" if args.inference else "dygraph",
                   top1=r["top1"], top5=r["top5"], loss=r["loss"], images_per_s=r["images_per_s"],
                   per_class=dict(zip(class_names, r["per_class"])), confusion=r["confusion"].tolist(),
                   confusion_png=png)

@@ -173,3 +173,11 @@ def test_configs_parse():
     paper = config.make_config(config.load_yaml(os.path.join(os.path.dirname(__file__), "..", "configs",
                                                              "paper_resnet_cifar.yaml")))
     assert (paper.milestones, paper.max_iters, paper.weight_decay, paper.lr) == ([32000, 48000], 64000, 1e-4, 0.1)
+
+
+def test_eval_fast_path_gives_the_same_predictions(straight_run):
+    slow = eval_script.main(["--ckpt", str(straight_run), "--num-workers", "0", "--json"])
+    fast = eval_script.main(["--ckpt", str(straight_run), "--num-workers", "0", "--json", "--inference"])
+    assert fast["path"] == "paddle.inference" and slow["path"] == "dygraph"
+    assert fast["confusion"] == slow["confusion"]  # identical top-1 for every image
+    assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-4)
