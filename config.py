@@ -45,6 +45,8 @@ class TrainConfig:
     device: str = "auto"             # auto (GPU when Paddle has one) | cpu | gpu
     amp: bool = False                # mixed precision, GPU only
     amp_dtype: str = "float16"       # float16 | bfloat16
+    amp_level: str = "O1"            # O1: per-op casts | O2: fp16/bf16 weights with fp32 master copies
+    to_static: bool = False          # compile the model with paddle.jit.to_static
     output_dir: str = "runs/cifar10"
     log_every: int = 50              # iterations between progress lines
 
@@ -69,7 +71,7 @@ class FinetuneConfig(TrainConfig):
 
 CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "none"), device=("auto", "cpu", "gpu"),
-               amp_dtype=("float16", "bfloat16"))
+               amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"))
 
 
 class ConfigError(ValueError):

@@ -338,7 +338,7 @@ def train_one_epoch(model, loader, opt, sched, cfg, ctx, epoch, progress):
     steps = len(loader) + progress["step"]
     t0, seen0 = time.time(), progress["seen"]
     for images, labels in loader:
-        with paddle.amp.auto_cast(enable=ctx["amp"], dtype=cfg.amp_dtype):
+        with paddle.amp.auto_cast(enable=ctx["amp"], level=cfg.amp_level, dtype=cfg.amp_dtype):
             logits = model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         if ctx["scaler"] is not None:
@@ -461,10 +461,14 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     # ``model`` stays the plain network: its state dict has no wrapper prefix, so a
     # checkpoint from a launch loads in a single process and the other way round
     net = model
+    if world > 1 and cfg.sync_bn:  # same parameter objects, so the optimizer still holds them
+        model = net = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.amp and cfg.amp_level == "O2":  # low-precision weights, fp32 master weights in the optimizer
+        net, opt = paddle.amp.decorate(models=net, optimizers=opt, level="O2", dtype=cfg.amp_dtype,
+                                       save_dtype="float32")
+    if cfg.to_static:
+        net = paddle.jit.to_static(net)  # same parameters: checkpoints are unchanged
     if world > 1:
-        if cfg.sync_bn:
-            net = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            model = net
         net = paddle.DataParallel(net)  # broadcasts rank 0's weights, all-reduces gradients
     ctx = dict(amp=cfg.amp, scaler=scaler, max_iters=cfg.max_iters, world=world)
     if main_rank:

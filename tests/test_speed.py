@@ -103,3 +103,16 @@ def test_bench_pipeline_and_loop(archive, capsys):
     assert p["images"] == 80 and p["images_per_s"] > 0
     (l,) = bench.main(["--loop", "--model", "resnet20"] + common)
     assert l["images"] == 80 and 0 < l["compute_s"] < l["wall_s"] and 0 < l["overhead_pct"] < 100
+
+
+def test_to_static_training_matches_dygraph(archive, tmp_path):
+    args = ["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "40",
+            "--epochs", "1", "--num-workers", "0"]
+    train_cifar10.main(args + ["--output-dir", str(tmp_path / "dy")])
+    train_cifar10.main(args + ["--output-dir", str(tmp_path / "st"), "--to-static"])
+    dy = engine.load_checkpoint(str(tmp_path / "dy" / "last.pdckpt"))
+    st = engine.load_checkpoint(str(tmp_path / "st" / "last.pdckpt"))
+    assert st["model"].keys() == dy["model"].keys()
+    for k in dy["model"]:
+        np.testing.assert_allclose(np.asarray(st["model"][k]), np.asarray(dy["model"][k]), rtol=1e-3, atol=1e-4, err_msg=k)
+    assert abs(st["history"][0]["train_loss"] - dy["history"][0]["train_loss"]) < 1e-3
