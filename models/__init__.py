@@ -23,6 +23,10 @@ os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if has
 if _cpu_vendor() == "AuthenticAMD":
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
+# Paddle 2.6 bundles a zlib that, when it loads before Pillow's, breaks Pillow's PNG
+# decoding ("OSError: codec configuration error"): load Pillow first.
+import PIL.Image  # noqa: E402,F401
+
 from .resnet import (  # noqa: E402
     MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,
     get_model, plain20, plain32, plain44, plain56, plain110, resnet18, resnet20, resnet32,

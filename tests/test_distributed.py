@@ -1,6 +1,7 @@
 """Data-parallel training under paddle.distributed.launch: 2 CPU ranks with gloo."""
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,9 +22,16 @@ def launch(script, args, log_dir):
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
            script] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # a new session, so that a hung rank can be killed with the launcher
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
     logs = [open(os.path.join(log_dir, f"workerlog.{i}")).read() for i in range(2)]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
+    assert proc.returncode == 0, output[-3000:] + logs[0][-3000:] + logs[1][-3000:]
     return logs
 
 
