@@ -15,7 +15,8 @@ def _cpu_vendor():
 
 # CPU settings, read by Paddle's libraries when they load, so only effective if paddle is
 # not imported yet; a value the user set always wins.
-# - Paddle sets OMP_NUM_THREADS=1 when it is unset, using one core: use every core we may.
+# - Paddle sets OMP_NUM_THREADS=1 when it is unset, using one core: use every core we may
+#   (ResNet-18/CIFAR training on 2 cores: 23.7 img/s with 1 thread, 30.0 with 2).
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                              else os.cpu_count() or 1))
 # - Paddle's bundled MKL takes a slow generic path on AMD processors; type 5 selects its
