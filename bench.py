@@ -35,7 +35,7 @@ import models  # noqa: F401  (CPU settings before paddle loads)
 def paddle_model(impl, name, stem, num_classes):
     import paddle.nn as nn
     if impl == "ours":
-        kwargs = dict(stem=stem) if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152") else {}
+        kwargs = dict(stem=stem) if name in models.STEM_MODELS else {}
         return models.get_model(name, num_classes=num_classes, **kwargs)
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):

@@ -165,14 +165,5 @@ def save_yaml(cfg, path):
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-def parse_with_config(parser, argv, cls=TrainConfig):
-    """Parse ``argv``: defaults <- ``--config FILE`` <- command-line keys. Returns (args, cfg, overrides)."""
-    args = parser.parse_args(argv)
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    overrides = cli_overrides(args, cls)
-    cfg = make_config({**values, **overrides}, cls=cls)
-    return args, cfg, overrides
-
-
 __all__ = ["TrainConfig", "FinetuneConfig", "ConfigError", "make_config", "load_yaml", "add_config_arguments",
-           "cli_overrides", "parse_with_config", "save_yaml", "to_dict"]
+           "cli_overrides", "save_yaml", "to_dict"]

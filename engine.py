@@ -113,11 +113,8 @@ def replicas_agree(model, world_size):
 def build_model(cfg, num_classes):
     """The network a config names; ``stem`` applies to the ImageNet-family factories."""
     kwargs = dict(num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
-    if cfg.model in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                     "resnext50_32x4d", "wide_resnet50_2"):
+    if cfg.model in models.STEM_MODELS:
         kwargs["stem"] = cfg.stem
-    if not cfg.zero_init_residual:
-        del kwargs["zero_init_residual"]
     try:
         return models.get_model(cfg.model, **kwargs)
     except ValueError as e:

@@ -231,8 +231,6 @@ IMAGENET_LAYERS = {
     101: (BottleneckBlock, (3, 4, 23, 3)),
     152: (BottleneckBlock, (3, 8, 36, 3)),
 }
-# The paper's CIFAR nets (section 4.2): 6n+2 layers, n blocks per stage, 16/32/64 filters.
-CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 
 def _resnet(depth, num_classes=1000, stem="imagenet", **kwargs):
@@ -241,6 +239,7 @@ def _resnet(depth, num_classes=1000, stem="imagenet", **kwargs):
 
 
 def _cifar_net(depth, shortcut, num_classes=10, **kwargs):
+    """The paper's CIFAR nets (section 4.2): 6n+2 layers, n blocks per stage, 16/32/64 filters."""
     n = (depth - 2) // 6
     return ResNet(ResidualBlock, (n, n, n), num_classes=num_classes, stem="cifar",
                   widths=(16, 32, 64), shortcut=shortcut, **kwargs)
@@ -321,6 +320,8 @@ def plain110(num_classes=10, **kwargs):
     return _cifar_net(110, None, num_classes, **kwargs)
 
 
+# the factories that take ``stem=``; the paper's CIFAR nets always have the CIFAR stem
+STEM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
 MODELS = {f.__name__: f for f in (
     resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2,
     resnet20, resnet32, resnet44, resnet56, resnet110,
