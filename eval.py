@@ -49,6 +49,8 @@ def main(argv=None):
     parser.add_argument("--inference", action="store_true",
                         help="the fast path: export the model and run it through paddle.inference "
                              "(oneDNN and conv+BN fusion on the CPU)")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="--inference on a GPU")
+    parser.add_argument("--tensorrt", action="store_true", help="--inference on a GPU: through TensorRT")
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
     try:
@@ -69,7 +71,8 @@ def main(argv=None):
             import predictors
             with tempfile.TemporaryDirectory() as tmp:
                 predictors.export(path, tmp)
-                predictor = predictors.InferenceModelPredictor(tmp, args.device)
+                predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
+                                                               tensorrt=args.tensorrt)
 
             def model(images):  # the predictor's numpy logits, as a tensor for evaluate()
                 return paddle.to_tensor(predictor(images.numpy()))

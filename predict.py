@@ -56,6 +56,8 @@ def main(argv=None):
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="--inference-model on a GPU")
+    parser.add_argument("--tensorrt", action="store_true", help="--inference-model on a GPU: through TensorRT")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
 
@@ -74,7 +76,8 @@ def main(argv=None):
         if args.ckpt:
             predictor = predictors.CheckpointPredictor(engine.resolve_ckpt(args.ckpt), args.device)
         else:
-            predictor = predictors.InferenceModelPredictor(args.inference_model, args.device)
+            predictor = predictors.InferenceModelPredictor(args.inference_model, args.device,
+                                                           precision=args.precision, tensorrt=args.tensorrt)
         results = []
         for path, top in predict_files(predictor, files, args.topk, args.batch_size, on_error):
             results.append((path, top))

@@ -69,9 +69,10 @@ def export(ckpt, output_dir):
 
 class InferenceModelPredictor:
     """An exported model run by paddle.inference: on the CPU with oneDNN and the graph
-    passes that fuse conv + BN (+ ReLU); on the GPU when Paddle has one."""
+    passes that fuse conv + BN (+ ReLU); on the GPU when Paddle has one, optionally in
+    fp16 and through TensorRT (where Paddle was built with it)."""
 
-    def __init__(self, model_dir, device="auto", threads=None):
+    def __init__(self, model_dir, device="auto", threads=None, precision="fp32", tensorrt=False):
         from paddle import inference
         meta_path = os.path.join(model_dir, META)
         if not os.path.isfile(meta_path):
@@ -90,7 +91,15 @@ class InferenceModelPredictor:
         use_gpu = device == "gpu" or (device == "auto" and paddle.is_compiled_with_cuda()
                                       and paddle.device.cuda.device_count() > 0)
         if use_gpu:
-            config.enable_use_gpu(256, 0)
+            half = inference.PrecisionType.Half if precision == "fp16" else inference.PrecisionType.Float32
+            if tensorrt:
+                config.enable_use_gpu(256, 0)
+                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=256, min_subgraph_size=3,
+                                              precision_mode=half, use_static=False, use_calib_mode=False)
+            else:
+                config.enable_use_gpu(256, 0, half)
+        elif precision != "fp32" or tensorrt:
+            raise engine.RunError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
         else:
             config.disable_gpu()
             if hasattr(config, "enable_onednn"):  # 3.x name; 2.6 has only enable_mkldnn

@@ -183,3 +183,26 @@ def test_export_and_inference_model_agree_with_checkpoint(run_full, folder, tmp_
     capsys.readouterr()
     predict.main(["--inference-model", str(out), files[0]])
     assert capsys.readouterr().out.startswith(files[0] + ": ")
+
+
+def test_pth_file_converts_through_the_cli(tmp_path):
+    """A real torch.save'd .pth (needs torch; skipped where it is not installed)."""
+    torch = pytest.importorskip("torch")
+    from models.convert import main as convert_main
+    paddle.seed(0)
+    ours = models.resnet18(num_classes=7)
+    ours.eval()
+    state = {}
+    for k, v in ours.state_dict().items():
+        v = np.asarray(v)
+        state[k.replace("._mean", ".running_mean").replace("._variance", ".running_var")] = \
+            torch.from_numpy(np.ascontiguousarray(v.T if k == "fc.weight" else v))
+    state["bn1.num_batches_tracked"] = torch.tensor(5)
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "r18.pth")
+    convert_main([str(tmp_path / "r18.pth"), str(tmp_path / "r18.pdparams")])
+    fresh = models.resnet18(num_classes=7)
+    models.load_weights(fresh, paddle.load(str(tmp_path / "r18.pdparams")))
+    fresh.eval()
+    x = paddle.rand([1, 3, 64, 64])
+    np.testing.assert_allclose(fresh(x).numpy(), ours(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert len(pretrained_state(str(tmp_path / "r18.pth"), "resnet18")) == len(ours.state_dict())

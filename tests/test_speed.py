@@ -95,6 +95,8 @@ def test_inference_model_matches_dygraph(tmp_path):
     slow = model(paddle.to_tensor(x)).numpy()
     np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=1e-4)
     assert (fast.argmax(1) == slow.argmax(1)).all()
+    with pytest.raises(engine.RunError, match="need a GPU"):
+        predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="fp16")
 
 
 def test_bench_pipeline_and_loop(archive, capsys):
@@ -116,3 +118,15 @@ def test_to_static_training_matches_dygraph(archive, tmp_path):
     for k in dy["model"]:
         np.testing.assert_allclose(np.asarray(st["model"][k]), np.asarray(dy["model"][k]), rtol=1e-3, atol=1e-4, err_msg=k)
     assert abs(st["history"][0]["train_loss"] - dy["history"][0]["train_loss"]) < 1e-3
+
+
+def test_small_shared_memory_falls_back_to_pipes(monkeypatch, capsys):
+    import collections
+    import shutil
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2 ** 20, 0, 64 * 2 ** 20))
+    assert engine._shm_ok(2) is False
+    assert "use_shared_memory=False" in capsys.readouterr().out
+    assert engine._shm_ok(0) is True
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(8 * 2 ** 30, 0, 8 * 2 ** 30))
+    assert engine._shm_ok(2) is True
