@@ -428,6 +428,8 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
         raise RunError("--sync-bn needs GPUs: Paddle has no CPU kernel for SyncBatchNorm; drop --sync-bn")
     main_rank = me == 0
     out = cfg.output_dir
+    if resume_state is None and os.path.exists(os.path.join(out, LAST)):
+        raise RunError(f"{out} already holds a run; continue it with --resume {out}, or pick a new --output-dir")
     os.makedirs(out, exist_ok=True)
     num_classes = len(class_names)
     paddle.seed(cfg.seed)  # the model's initial weights

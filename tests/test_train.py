@@ -161,6 +161,13 @@ def test_bad_checkpoints(straight_run, tmp_path, capsys):
     assert "does not match model resnet32" in msg and "missing" in msg
 
 
+def test_a_new_run_never_overwrites_an_old_one(straight_run, archive, capsys):
+    before = (straight_run / "last.pdckpt").read_bytes()
+    msg = run_error(train_cifar10.main, FAST + ["--data-file", archive, "--output-dir", str(straight_run)], capsys)
+    assert "already holds a run" in msg and "--resume" in msg
+    assert (straight_run / "last.pdckpt").read_bytes() == before
+
+
 def test_resume_of_missing_run_is_one_line(tmp_path, capsys):
     assert "no such file" in run_error(train_cifar10.main, ["--resume", str(tmp_path)], capsys)
 
