@@ -15,6 +15,7 @@ import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
 import config
 import data
 import engine
+import predictors
 
 
 def plot_confusion(path, confusion, class_names, title):
@@ -56,8 +57,8 @@ def main(argv=None):
     try:
         path = engine.resolve_ckpt(args.ckpt)
         state = engine.load_checkpoint(path)
-        engine.select_device(args.device)
-        cfg, model = engine.model_from_checkpoint(state)
+        checkpoint = predictors.CheckpointPredictor(path, args.device, state=state)
+        cfg, model = checkpoint.cfg, checkpoint.model
         if args.data_file:
             cfg = config.make_config({"data_file": args.data_file}, base=cfg)
         dataset = data.cifar10_splits(cfg)[args.split]
@@ -68,9 +69,8 @@ def main(argv=None):
         if args.inference:
             import tempfile
             import paddle
-            import predictors
             with tempfile.TemporaryDirectory() as tmp:
-                predictors.export(path, tmp)
+                predictors.export(checkpoint, tmp)
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
                                                                tensorrt=args.tensorrt)
 

@@ -17,7 +17,8 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="directory to write model.* and meta.json to")
     args = parser.parse_args(argv)
     try:
-        prefix = predictors.export(engine.resolve_ckpt(args.ckpt), args.output)
+        predictor = predictors.CheckpointPredictor(engine.resolve_ckpt(args.ckpt), device="cpu")
+        prefix = predictors.export(predictor, args.output)
     except engine.RunError as e:
         sys.exit(f"error: {e}")
     print(f"exported {prefix}.* and {args.output}/meta.json")

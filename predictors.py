@@ -38,9 +38,12 @@ def list_images(folder):
 
 
 class CheckpointPredictor:
-    def __init__(self, ckpt, device="auto"):
-        state = engine.load_checkpoint(ckpt)
+    """The model of a checkpoint (``state``: the checkpoint already loaded, if it is)."""
+
+    def __init__(self, ckpt, device="auto", state=None):
+        state = state if state is not None else engine.load_checkpoint(ckpt)
         engine.select_device(device)
+        self.ckpt = ckpt
         self.cfg, self.model = engine.model_from_checkpoint(state)
         self.model.eval()
         self.class_names = list(state["class_names"])
@@ -51,10 +54,9 @@ class CheckpointPredictor:
         return self.model(paddle.to_tensor(batch)).numpy()
 
 
-def export(ckpt, output_dir):
-    """Save ``ckpt``'s model with paddle.jit.save (batch size dynamic) plus meta.json
-    (class names, preprocessing). Returns the path prefix of the saved model."""
-    predictor = CheckpointPredictor(ckpt, device="cpu")
+def export(predictor, output_dir):
+    """Save a CheckpointPredictor's model with paddle.jit.save (batch size dynamic) plus
+    meta.json (class names, preprocessing). Returns the path prefix of the saved model."""
     os.makedirs(output_dir, exist_ok=True)
     size = predictor.preprocess["crop"]
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
@@ -62,7 +64,7 @@ def export(ckpt, output_dir):
     paddle.jit.save(predictor.model, prefix, input_spec=spec)
     with open(os.path.join(output_dir, META), "w") as f:
         json.dump(dict(model=predictor.cfg.model, class_names=predictor.class_names,
-                       preprocess=predictor.preprocess, checkpoint=os.path.abspath(ckpt),
+                       preprocess=predictor.preprocess, checkpoint=os.path.abspath(predictor.ckpt),
                        paddle_version=paddle.__version__), f, indent=1)
     return prefix
 
