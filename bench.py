@@ -287,7 +287,7 @@ def bench_loop(args):
         return original_clear(*a, **k)
     opt.clear_grad = timed_clear
     progress = dict(step=0, seen=0, loss_sum=0.0, correct=0, iteration=0)
-    ctx = dict(amp=False, scaler=None, max_iters=0, world=1)
+    ctx = dict(amp=False, scaler=None, max_iters=0)
     loader = engine.make_loader(train, cfg.batch_size, cfg.num_workers, engine.epoch_batches(train, cfg, 0))
     start = time.perf_counter()
     engine.train_one_epoch(model, loader, opt, sched, cfg, ctx, 0, progress)

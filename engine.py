@@ -266,9 +266,14 @@ def _shm_ok(num_workers):
     if num_workers == 0 or not os.path.isdir("/dev/shm"):
         return True
     if shutil.disk_usage("/dev/shm").total < 512 * 2 ** 20:
-        log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
+        if not _shm_ok.noticed:  # a loader is made every epoch: say it once
+            log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
+            _shm_ok.noticed = True
         return False
     return True
+
+
+_shm_ok.noticed = False
 
 
 def make_loader(dataset, batch_size, num_workers, batches=None):
@@ -469,7 +474,7 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
         net = paddle.jit.to_static(net)  # same parameters: checkpoints are unchanged
     if world > 1:
         net = paddle.DataParallel(net)  # broadcasts rank 0's weights, all-reduces gradients
-    ctx = dict(amp=cfg.amp, scaler=scaler, max_iters=cfg.max_iters, world=world)
+    ctx = dict(amp=cfg.amp, scaler=scaler, max_iters=cfg.max_iters)
     if main_rank:
         save_yaml(cfg, os.path.join(out, "config.yaml"))
     n_train = sum(int(np.prod(p.shape)) for p in parameters)

@@ -125,8 +125,11 @@ def test_small_shared_memory_falls_back_to_pipes(monkeypatch, capsys):
     import shutil
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2 ** 20, 0, 64 * 2 ** 20))
+    monkeypatch.setattr(engine._shm_ok, "noticed", False)
     assert engine._shm_ok(2) is False
     assert "use_shared_memory=False" in capsys.readouterr().out
+    assert engine._shm_ok(2) is False
+    assert capsys.readouterr().out == ""  # said once, not every epoch
     assert engine._shm_ok(0) is True
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(8 * 2 ** 30, 0, 8 * 2 ** 30))
     assert engine._shm_ok(2) is True
