@@ -35,8 +35,7 @@ import models  # noqa: F401  (CPU settings before paddle loads)
 def paddle_model(impl, name, stem, num_classes):
     import paddle.nn as nn
     if impl == "ours":
-        kwargs = dict(stem=stem) if name in models.STEM_MODELS else {}
-        return models.get_model(name, num_classes=num_classes, **kwargs)
+        return models.get_model(name, num_classes=num_classes, stem=stem)
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):
         raise SystemExit(f"error: paddle.vision has no {name}")
@@ -140,9 +139,8 @@ def bench_paddle(args):
     import numpy as np
     import paddle
     import paddle.nn.functional as F
-    device = "gpu" if args.device == "gpu" or (args.device == "auto" and paddle.is_compiled_with_cuda()
-                                               and paddle.device.cuda.device_count() > 0) else "cpu"
-    paddle.set_device(device)
+    import device as devices
+    device = devices.select_device(args.device)
     paddle.seed(0)
     shape = [args.batch_size, 3, args.image_size, args.image_size]
     x = paddle.to_tensor(np.random.RandomState(0).randn(*shape).astype("float32"))
@@ -241,13 +239,11 @@ def bench_pipeline(args):
     """The input pipeline alone: the training DataLoader over the real archive, no model."""
     import config
     import data
-    import engine
     cfg = config.make_config(dict(data_file=args.data_file, subset=args.subset, batch_size=args.batch_size,
                                   num_workers=args.num_workers, val_size=args.val_size))
     train = data.cifar10_splits(cfg)["train"]
-    batches = engine.epoch_batches(train, cfg, 0)
     n, start = 0, time.perf_counter()
-    for images, labels in engine.make_loader(train, cfg.batch_size, cfg.num_workers, batches):
+    for images, labels in data.TrainBatches(train, cfg).epoch(0):
         n += labels.shape[0]
     seconds = time.perf_counter() - start
     return dict(kind="pipeline", images=n, seconds=seconds, images_per_s=n / seconds,
@@ -259,17 +255,19 @@ def bench_loop(args):
     (forward, backward, update, each synchronised): the difference is the loop's
     overhead (waiting for data, logging, Python)."""
     import paddle
+    import checkpoint
     import config
     import data
+    import device as devices
     import engine
     cfg = config.make_config(dict(model=args.model, stem=args.stem, data_file=args.data_file, subset=args.subset,
                                   val_size=args.val_size,
                                   batch_size=args.batch_size, num_workers=args.num_workers, epochs=1,
                                   log_every=10 ** 9, device=args.device))
-    device = engine.select_device(cfg.device)
+    device = devices.select_device(cfg.device)
     sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
     train = data.cifar10_splits(cfg)["train"]
-    model = engine.build_model(cfg, 10)
+    model = checkpoint.build_model(cfg, 10)
     opt, sched = engine.build_optimizer(cfg, model.parameters(), len(train) // cfg.batch_size + 1)
     compute = []
     original = model.forward
@@ -286,14 +284,13 @@ def bench_loop(args):
         compute.append(time.perf_counter() - timed_forward.t)
         return original_clear(*a, **k)
     opt.clear_grad = timed_clear
-    progress = dict(step=0, seen=0, loss_sum=0.0, correct=0, iteration=0)
-    ctx = dict(amp=False, scaler=None, max_iters=0)
-    loader = engine.make_loader(train, cfg.batch_size, cfg.num_workers, engine.epoch_batches(train, cfg, 0))
+    run, scaler = checkpoint.RunState(), paddle.amp.GradScaler(enable=False)
+    loader = data.TrainBatches(train, cfg).epoch(0)
     start = time.perf_counter()
-    engine.train_one_epoch(model, loader, opt, sched, cfg, ctx, 0, progress)
+    engine.train_one_epoch(model, loader, opt, sched, scaler, cfg, run, 0)
     sync()
     wall = time.perf_counter() - start
-    return dict(kind="loop", model=args.model, images=progress["seen"], wall_s=wall, compute_s=sum(compute),
+    return dict(kind="loop", model=args.model, images=run.seen, wall_s=wall, compute_s=sum(compute),
                 overhead_pct=100 * (wall - sum(compute)) / wall, num_workers=args.num_workers)
 
 

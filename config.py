@@ -5,7 +5,9 @@ values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``
 ``--amp`` alone means true) and type-checked. A typo in a key lists the valid keys.
 """
 import argparse
+import contextlib
 import dataclasses
+import sys
 import typing
 
 import yaml
@@ -74,16 +76,26 @@ CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"
                amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"))
 
 
-class ConfigError(ValueError):
-    pass
+class UserError(Exception):
+    """Anything a user can fix (an option, a path, the data, a checkpoint): the message is
+    one line naming the problem and the fix. Every script prints it as ``error: ...``."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a UserError into one ``error: ...`` line and exit status 1, with no traceback."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 def _check(name, value, typ):
-    """Return ``value`` as ``typ`` or raise ConfigError naming the key."""
+    """Return ``value`` as ``typ`` or raise UserError naming the key."""
     origin = typing.get_origin(typ)
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{name}' must be a list, got {value!r}")
+            raise UserError(f"config key '{name}' must be a list, got {value!r}")
         (item,) = typing.get_args(typ)
         return [_check(name, v, item) for v in value]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -98,9 +110,9 @@ def _check(name, value, typ):
     if typ is str and value is None:
         value = ""
     if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
-        raise ConfigError(f"config key '{name}' must be {typ.__name__}, got {value!r}")
+        raise UserError(f"config key '{name}' must be {typ.__name__}, got {value!r}")
     if name in CHOICES and value not in CHOICES[name]:
-        raise ConfigError(f"config key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}")
+        raise UserError(f"config key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}")
     return value
 
 
@@ -110,7 +122,7 @@ def make_config(values, base=None, cls=None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     checked = {k: _check(k, v, hints[k]) for k, v in values.items()}
     return dataclasses.replace(base if base is not None else cls(), **checked)
@@ -121,11 +133,11 @@ def load_yaml(path):
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found")
+        raise UserError(f"config file {path} not found")
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must be a mapping of key: value")
+        raise UserError(f"config file {path} must be a mapping of key: value")
     return values
 
 
@@ -156,6 +168,36 @@ def cli_overrides(args, cls=TrainConfig):
     return out
 
 
+def add_run_arguments(parser, cls, depths):
+    """--config, --depth, --resume and one --key option per config field."""
+    parser.add_argument("--config", help="a YAML recipe from configs/; command-line keys override it")
+    parser.add_argument("--depth", type=int, choices=sorted(depths), help="shorthand for --model")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    add_config_arguments(parser, cls)
+
+
+def run_config(args, cls, model=None):
+    """(cfg, resume_state) for a script's parsed ``args``: defaults <- --config FILE <-
+    command-line keys. With --resume DIR the run's saved config is the base instead, and
+    keys given on the command line (a longer --epochs, say) apply on top."""
+    import checkpoint  # checkpoint builds on this module
+    overrides = cli_overrides(args, cls)
+    if model is not None:
+        overrides["model"] = model
+    if getattr(args, "resume", None):
+        state = checkpoint.load(args.resume)
+        overrides["output_dir"] = args.resume
+        return make_config(overrides, base=make_config(state["config"], cls=cls)), state
+    values = load_yaml(args.config) if args.config else {}
+    return make_config({**values, **overrides}, cls=cls), None
+
+
+def from_checkpoint(state):
+    """The config a checkpoint was trained with (a fine-tuning one has ``data_dir``)."""
+    cls = FinetuneConfig if "data_dir" in state["config"] else TrainConfig
+    return make_config(state["config"], cls=cls)
+
+
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
@@ -165,5 +207,3 @@ def save_yaml(cfg, path):
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-__all__ = ["TrainConfig", "FinetuneConfig", "ConfigError", "make_config", "load_yaml", "add_config_arguments",
-           "cli_overrides", "save_yaml", "to_dict"]

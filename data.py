@@ -1,4 +1,5 @@
-"""Datasets: CIFAR-10 through paddle.vision, a seeded train/val split, the transforms.
+"""Everything that turns a dataset into batches: CIFAR-10 through paddle.vision and image
+folders, the seeded train/val splits, the transforms, the loaders and each epoch's batches.
 
 Augmentation is reproducible per sample: before transforming sample ``i`` in epoch
 ``e`` the dataset seeds Python's ``random`` and numpy's global generator (paddle.vision's
@@ -7,13 +8,17 @@ random transforms draw from both) with a hash of (seed, e, i). A run then gives 
 would have (Paddle re-seeds each worker from a fresh random number per iterator).
 """
 import hashlib
+import math
 import os
 import random
+import shutil
 import tarfile
 
 import numpy as np
 import paddle
 import paddle.vision.transforms as T
+
+from config import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -25,10 +30,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # How a checkpoint's model wants a new image: resize the short side, center-crop, normalise.
 # Saved in every checkpoint, so predict.py and export.py need no other source.
 CIFAR10_PREPROCESS = dict(resize=32, crop=32, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD))
-
-
-class DataError(RuntimeError):
-    """Bad or missing data: the message is one line a user can act on."""
 
 
 class SplitDataset(paddle.io.Dataset):
@@ -73,12 +74,12 @@ def cifar10_transforms(augment):
 def check_data_file(path, what="CIFAR-10", flag="--data-file"):
     """A clear error for a missing path, a directory (Paddle issue #32901) or a non-archive."""
     if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file; pass the path of cifar-10-python.tar.gz")
+        raise UserError(f"{flag} {path}: no such file; pass the path of cifar-10-python.tar.gz")
     if os.path.isdir(path):
-        raise DataError(f"{flag} {path} is a directory; pass the archive file itself, "
+        raise UserError(f"{flag} {path} is a directory; pass the archive file itself, "
                         f"e.g. {os.path.join(path, 'cifar-10-python.tar.gz')}")
     if not tarfile.is_tarfile(path):
-        raise DataError(f"{flag} {path} is not a tar archive; {what} must be the official cifar-10-python.tar.gz")
+        raise UserError(f"{flag} {path} is not a tar archive; {what} must be the official cifar-10-python.tar.gz")
 
 
 def load_cifar10(data_file, mode):
@@ -92,12 +93,12 @@ def load_cifar10(data_file, mode):
         try:
             return Cifar10(data_file=data_file, mode=mode, download=False, backend="pil")
         except Exception as e:  # a tar of the wrong layout fails deep inside Paddle
-            raise DataError(f"--data-file {data_file} could not be read as CIFAR-10 "
+            raise UserError(f"--data-file {data_file} could not be read as CIFAR-10 "
                             f"({type(e).__name__}: {e}); it must be the official cifar-10-python.tar.gz layout")
     try:
         return Cifar10(mode=mode, download=True, backend="pil")
     except Exception as e:
-        raise DataError(f"CIFAR-10 is not downloaded and could not be downloaded ({type(e).__name__}); "
+        raise UserError(f"CIFAR-10 is not downloaded and could not be downloaded ({type(e).__name__}); "
                         "pass a local copy with --data-file PATH/cifar-10-python.tar.gz")
 
 
@@ -108,7 +109,7 @@ def split_indices(n, val_size, seed=0):
     validation images, whatever the training seed.
     """
     if not 0 <= val_size < n:
-        raise DataError(f"--val-size {val_size} must be between 0 and {n - 1} (the training set has {n} images)")
+        raise UserError(f"--val-size {val_size} must be between 0 and {n - 1} (the training set has {n} images)")
     perm = np.random.RandomState(seed).permutation(n)
     return sorted(perm[val_size:].tolist()), sorted(perm[:val_size].tolist())
 
@@ -121,11 +122,63 @@ def cifar10_splits(cfg):
     train_idx, val_idx = split_indices(len(train_base), cfg.val_size)
     if cfg.subset:
         if cfg.subset > len(train_idx):
-            raise DataError(f"--subset {cfg.subset} is larger than the {len(train_idx)} training images left after --val-size")
+            raise UserError(f"--subset {cfg.subset} is larger than the {len(train_idx)} training images left after --val-size")
         train_idx = train_idx[:cfg.subset]
     return dict(train=SplitDataset(train_base, train_idx, train_tf, seed=cfg.seed),
                 val=SplitDataset(train_base, val_idx, eval_tf),
                 test=SplitDataset(test_base, range(len(test_base)), eval_tf))
+
+
+# -------------------------------------------------------------------------- loaders
+def shm_too_small(num_workers):
+    """Paddle's DataLoader passes batches through /dev/shm; AI Studio gives it 64 MB, and
+    the workers then die with a bus error. Below 512 MB the loaders use pipes instead."""
+    return (num_workers > 0 and os.path.isdir("/dev/shm")
+            and shutil.disk_usage("/dev/shm").total < 512 * 2 ** 20)
+
+
+def make_loader(dataset, batch_size, num_workers, batches=None):
+    """A DataLoader over ``batches`` (lists of indices) or, when None, in order."""
+    if batches is None:
+        batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    return paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                use_shared_memory=not shm_too_small(num_workers))
+
+
+def epoch_batches(dataset, batch_size, seed, epoch, world_size=1, rank=0):
+    """This rank's batches for ``epoch``: DistributedBatchSampler's shard, shuffled by (seed, epoch)."""
+    sampler = paddle.io.DistributedBatchSampler(dataset, batch_size, num_replicas=world_size,
+                                                rank=rank, shuffle=True, drop_last=False)
+    sampler.set_epoch((seed * 1_000_003 + epoch) % 2 ** 32)  # it seeds RandomState(epoch)
+    return list(sampler)
+
+
+def eval_loader(dataset, batch_size, num_workers, world_size=1, rank=0):
+    """This rank's share of ``dataset`` for evaluation: every world_size-th sample, no
+    padding (DistributedBatchSampler pads with repeats, which would count twice)."""
+    shard = list(range(rank, len(dataset), world_size))
+    return make_loader(dataset, batch_size, num_workers,
+                       [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)])
+
+
+class TrainBatches:
+    """The training batches of a run, built once: ``epoch(e, start)`` yields this rank's
+    batches of epoch ``e`` (a seeded shuffle, sharded over the ranks) from the DataLoader
+    (workers + PIL transforms) or the device loader, skipping the first ``start`` batches
+    (the ones an interrupted epoch already did)."""
+
+    def __init__(self, dataset, cfg, world_size=1, rank=0):
+        self.dataset, self.cfg, self.world_size, self.rank = dataset, cfg, world_size, rank
+        self.per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world_size))
+        self.device_loader = DeviceCifarLoader(dataset, cfg.augment, cfg.seed) if cfg.loader == "device" else None
+
+    def epoch(self, epoch, start=0):
+        self.dataset.set_epoch(epoch)
+        batches = epoch_batches(self.dataset, self.cfg.batch_size, self.cfg.seed, epoch,
+                                self.world_size, self.rank)[start:]
+        if self.device_loader is not None:
+            return self.device_loader.epoch(epoch, batches)
+        return make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers, batches)
 
 
 # ------------------------------------------------------------------- image folders
@@ -154,17 +207,17 @@ def image_folder_splits(cfg):
     from paddle.vision.datasets import DatasetFolder
     root = cfg.data_dir
     if not root:
-        raise DataError("--data-dir is required: a folder with one sub-folder of images per class")
+        raise UserError("--data-dir is required: a folder with one sub-folder of images per class")
     if not os.path.isdir(root):
-        raise DataError(f"--data-dir {root}: no such directory; it must hold one sub-folder of images per class")
+        raise UserError(f"--data-dir {root}: no such directory; it must hold one sub-folder of images per class")
     try:
         base = DatasetFolder(root)  # its loader opens with PIL and converts to RGB
     except Exception as e:  # Paddle raises on a folder with no class folders or no images
-        raise DataError(f"--data-dir {root} has no class sub-folders with images ({str(e).splitlines()[0]})")
+        raise UserError(f"--data-dir {root} has no class sub-folders with images ({str(e).splitlines()[0]})")
     if len(base.classes) < 2:
-        raise DataError(f"--data-dir {root} has {len(base.classes)} class folder(s); it needs at least 2")
+        raise UserError(f"--data-dir {root} has {len(base.classes)} class folder(s); it needs at least 2")
     if not 0 <= cfg.val_fraction < 1:
-        raise DataError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
+        raise UserError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
     labels = np.array([target for _, target in base.samples])
     rng = np.random.RandomState(0)
     train_idx, val_idx = [], []

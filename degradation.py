@@ -15,14 +15,15 @@ import argparse
 import csv
 import math
 import os
-import sys
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
 import yaml
 
+import checkpoint
 import config
 import data
 import engine
+import plots
 
 NETS = ("plain20", "plain56", "resnet20", "resnet56")
 
@@ -44,10 +45,10 @@ def train(net, args, datasets):
     if os.path.exists(done):
         engine.log(f"{net}: finished before, reusing {done}")
         return
-    last = os.path.join(cfg.output_dir, engine.LAST)
-    resume = engine.load_checkpoint(last) if os.path.exists(last) else None
+    last = os.path.join(cfg.output_dir, checkpoint.LAST)
+    resume = checkpoint.load(last) if os.path.exists(last) else None
     if resume is not None and resume["config"] != config.to_dict(cfg):
-        raise engine.RunError(f"{cfg.output_dir} holds a run with another recipe; use another --output-dir")
+        raise config.UserError(f"{cfg.output_dir} holds a run with another recipe; use another --output-dir")
     engine.log(f"== {net}" + (" (resuming)" if resume else ""))
     engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume,
                extra_state=dict(preprocess=data.CIFAR10_PREPROCESS))
@@ -56,28 +57,6 @@ def train(net, args, datasets):
 def read_history(out):
     with open(os.path.join(out, "metrics.csv")) as f:
         return list(csv.DictReader(f))
-
-
-def plot(path, histories, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, kind in zip(axes, ("plain", "resnet")):
-        for i, (net, rows) in enumerate((n, r) for n, r in histories.items() if n.startswith(kind)):
-            color = f"C{i}"
-            epochs = [int(r["epoch"]) for r in rows]
-            ax.plot(epochs, [100 * (1 - float(r["train_acc"])) for r in rows], "--", color=color, label=f"{net} train")
-            ax.plot(epochs, [100 * (1 - float(r["val_acc"])) for r in rows], "-", color=color, label=f"{net} held-out")
-        ax.set_title({"plain": "plain networks", "resnet": "ResNets"}[kind])
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("error (%)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -96,13 +75,11 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="runs/degradation")
     args = parser.parse_args(argv)
     nets = [n for n in args.nets.split(",") if n]
-    try:
+    with config.user_errors():
         first = recipe(nets[0], args, 0)
         datasets = data.cifar10_splits(first)  # loaded once, shared: the same split for every net
         for net in nets:
             train(net, args, datasets)
-    except (config.ConfigError, data.DataError, engine.RunError) as e:
-        sys.exit(f"error: {e}")
 
     rows, histories = [], {}
     for net in nets:
@@ -128,7 +105,7 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     n_train = args.subset or 45000
-    plot(os.path.join(args.output_dir, "degradation.png"), histories,
+    plots.plot_degradation(os.path.join(args.output_dir, "degradation.png"), {n: [h] for n, h in histories.items()},
          f"CIFAR-10, {n_train} training images, {args.epochs} epochs, batch {args.batch_size}; "
          f"dashed: training error, solid: held-out ({args.val_size} val images) error")
     print("\n".join(lines))

@@ -1,15 +1,14 @@
-"""The training loop shared by train_cifar10.py, finetune.py and the experiments.
+"""The training loop shared by train_cifar10.py, finetune.py and degradation.py.
 
-Read top to bottom: devices, optimizer and schedule, checkpoints, one epoch,
-evaluation, and ``fit`` which ties them together with progress, metrics.csv,
-curves.png, best/last checkpoints and exact resume.
+Read top to bottom: launch (one process, or several under paddle.distributed.launch),
+optimizer and schedule, one training epoch, evaluation, and ``fit``: set up, restore,
+wrap for training, loop over epochs, report. What a run saves is in checkpoint.py,
+how batches are made in data.py, the options in config.py.
 """
 import csv
 import dataclasses
-import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -19,17 +18,16 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
-import models
+import checkpoint
 import config
-from config import make_config, save_yaml, to_dict
+import data
+import device as devices
+import plots
+from checkpoint import as_number
+from config import UserError
 
-LAST, BEST = "last.pdckpt", "best.pdckpt"
 # Paddle's BatchNorm warns on every call in training mode that it tracks statistics
 warnings.filterwarnings("ignore", message="When training, we now always track")
-
-
-class RunError(RuntimeError):
-    """A problem the user can fix: the message is one line naming it and the fix."""
 
 
 def rank():
@@ -42,18 +40,7 @@ def log(*args):
         print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
 
 
-# ---------------------------------------------------------------------------- device
-def select_device(name):
-    """'auto' (GPU when this Paddle has one), 'cpu' or 'gpu' -> the device set."""
-    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    if name == "gpu" and not has_gpu:
-        raise RunError("--device gpu: this Paddle has no usable GPU (CPU build or no CUDA device); "
-                       "use --device cpu, or install paddlepaddle-gpu")
-    device = "gpu" if name == "gpu" or (name == "auto" and has_gpu) else "cpu"
-    paddle.set_device(device)
-    return device
-
-
+# ---------------------------------------------------------------------------- launch
 LAUNCH_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT")
 
 
@@ -66,13 +53,13 @@ def init_distributed():
         return 1, 0
     missing = [k for k in LAUNCH_ENV if k not in present]
     if missing:
-        raise RunError(f"half-set-up distributed environment: {', '.join(present)} set but {', '.join(missing)} "
-                       "not; start with python -m paddle.distributed.launch, or unset the PADDLE_* variables")
+        raise UserError(f"half-set-up distributed environment: {', '.join(present)} set but {', '.join(missing)} "
+                        "not; start with python -m paddle.distributed.launch, or unset the PADDLE_* variables")
     world, me = int(os.environ["PADDLE_TRAINERS_NUM"]), int(os.environ["PADDLE_TRAINER_ID"])
     endpoints = os.environ["PADDLE_TRAINER_ENDPOINTS"].split(",")
     if not 0 <= me < world or len(endpoints) != world:
-        raise RunError(f"inconsistent distributed environment: rank {me}, world size {world}, "
-                       f"{len(endpoints)} endpoints; start with python -m paddle.distributed.launch")
+        raise UserError(f"inconsistent distributed environment: rank {me}, world size {world}, "
+                        f"{len(endpoints)} endpoints; start with python -m paddle.distributed.launch")
     if world == 1:
         return 1, 0
     import paddle.distributed as dist
@@ -110,17 +97,6 @@ def replicas_agree(model, world_size):
     return out
 
 
-def build_model(cfg, num_classes):
-    """The network a config names; ``stem`` applies to the ImageNet-family factories."""
-    kwargs = dict(num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
-    if cfg.model in models.STEM_MODELS:
-        kwargs["stem"] = cfg.stem
-    try:
-        return models.get_model(cfg.model, **kwargs)
-    except ValueError as e:
-        raise RunError(str(e))
-
-
 # ------------------------------------------------------------- optimizer, schedule
 def total_iterations(cfg, iters_per_epoch):
     total = cfg.epochs * iters_per_epoch
@@ -149,158 +125,44 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
     return opt, sched
 
 
-# --------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """Write atomically: a temporary file, then a rename, so a crash never leaves half a file."""
-    tmp = path + ".tmp"
-    paddle.save(state, tmp)
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------ one epoch
+def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch):
+    """Train over ``loader``, adding to ``run`` (a checkpoint.RunState) the epoch's running
+    sums and position, so that an epoch resumed after Ctrl-C adds up the same.
+    ``scaler``: a GradScaler, a pass-through when disabled (no fp16)."""
+    train_net.train()
+    steps = run.step + len(loader)  # this epoch's batches, the ones done before a resume included
+    t0, seen0, step0 = time.time(), run.seen, run.step
+    for images, labels in loader:
+        with paddle.amp.auto_cast(enable=cfg.amp, level=cfg.amp_level, dtype=cfg.amp_dtype):
+            logits = train_net(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.clear_grad()
+        sched.step()
+        n = labels.shape[0]
+        # summed on the device; as_number() below is the sync point, only when printing
+        run.loss_sum = run.loss_sum + loss.detach() * n
+        run.correct = run.correct + (logits.argmax(-1) == labels.reshape([-1])).astype("int64").sum()
+        run.seen, run.step, run.iteration = run.seen + n, run.step + 1, run.iteration + 1
+        if run.step % cfg.log_every == 0 or run.step == steps:
+            elapsed = time.time() - t0
+            rate = (run.seen - seen0) / elapsed if elapsed > 0 else float("nan")
+            eta = elapsed / max(run.step - step0, 1) * (steps - run.step)
+            log(f"epoch {epoch + 1} step {run.step}/{steps} loss {as_number(run.loss_sum) / run.seen:.4f} "
+                f"acc {as_number(run.correct) / run.seen:.4f} {rate:.1f} img/s eta {format_seconds(eta)}")
+        if cfg.max_iters and run.iteration >= cfg.max_iters:
+            break
 
 
-def resolve_ckpt(path):
-    """A run directory stands for its best checkpoint (its last when it has no best)."""
-    if os.path.isdir(path):
-        best = os.path.join(path, BEST)
-        return best if os.path.exists(best) else os.path.join(path, LAST)
-    return path
-
-
-def load_checkpoint(path):
-    """The checkpoint dict, or RunError with one line for a missing, truncated or foreign file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, LAST)
-    if not os.path.isfile(path):
-        raise RunError(f"checkpoint {path}: no such file")
-    try:
-        state = paddle.load(path)
-    except Exception as e:
-        raise RunError(f"checkpoint {path} could not be read ({type(e).__name__}); it is truncated or not a checkpoint of ours")
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise RunError(f"checkpoint {path} is not a checkpoint of ours (no model and config in it)")
-    return state
-
-
-def config_from_checkpoint(state):
-    cls = config.FinetuneConfig if "data_dir" in state["config"] else config.TrainConfig
-    return make_config(state["config"], cls=cls)
-
-
-def model_from_checkpoint(state):
-    """(config, model): the model a checkpoint's config names, its weights loaded strictly."""
-    cfg = config_from_checkpoint(state)
-    model = build_model(cfg, len(state["class_names"]))
-    try:
-        models.load_weights(model, state["model"])
-    except models.weights.WeightsMismatchError as e:
-        raise RunError(f"checkpoint does not match model {cfg.model}: {e}")
-    return cfg, model
-
-
-def _rename_keys(state, mapping):
-    """Rename optimizer-state keys ``<param name>_<accumulator>_<n>`` by a map of param names."""
-    out = {}
-    for key, value in state.items():
-        if key == "master_weights" and isinstance(value, dict):  # AMP O2
-            out[key] = {mapping.get(k, k): v for k, v in value.items()}
-            continue
-        new = key
-        for i in range(len(key) - 1, 0, -1):  # the longest prefix that is a parameter name
-            if key[i] == "_" and key[:i] in mapping:
-                new = mapping[key[:i]] + key[i:]
-                break
-        out[new] = value
-    return out
-
-
-def optimizer_state(opt, model):
-    """opt.state_dict() keyed by structured names (``layer1.0.conv1.weight_velocity_0``):
-    Paddle keys it by generated names (``conv2d_57.w_0``) that differ between two
-    models built in one process, so a plain state dict only reloads in a fresh one."""
-    return _rename_keys(opt.state_dict(), {p.name: k for k, p in model.named_parameters()})
-
-
-def set_optimizer_state(opt, model, state):
-    opt.set_state_dict(_rename_keys(state, {k: p.name for k, p in model.named_parameters()}))
-
-
-def rng_state():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    # keys as a list: paddle.save cannot store a uint32 array (nor bytes)
-    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, cached],
-                paddle=paddle.get_rng_state())
-
-
-def set_rng_state(state):
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    random.setstate(tuple(state["python"]))
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    paddle.set_rng_state(state["paddle"])
-
-
-def run_config(args, cls, model=None):
-    """(cfg, resume_state) for a script's parsed ``args``: defaults <- --config FILE <-
-    command-line keys. With --resume DIR the run's saved config is the base instead, and
-    keys given on the command line (a longer --epochs, say) apply on top."""
-    overrides = config.cli_overrides(args, cls)
-    if model is not None:
-        overrides["model"] = model
-    if getattr(args, "resume", None):
-        state = load_checkpoint(args.resume)
-        overrides["output_dir"] = args.resume
-        return make_config(overrides, base=make_config(state["config"], cls=cls)), state
-    values = config.load_yaml(args.config) if args.config else {}
-    return make_config({**values, **overrides}, cls=cls), None
-
-
-def add_run_arguments(parser, cls, depths):
-    parser.add_argument("--config", help="a YAML recipe from configs/; command-line keys override it")
-    parser.add_argument("--depth", type=int, choices=sorted(depths), help="shorthand for --model")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    config.add_config_arguments(parser, cls)
-
-
-# ----------------------------------------------------------------------- data loading
-def _shm_ok(num_workers):
-    """Paddle's DataLoader passes batches through /dev/shm; AI Studio gives it 64 MB, and
-    the workers then die with a bus error. Use pipes instead when it is small."""
-    if num_workers == 0 or not os.path.isdir("/dev/shm"):
-        return True
-    if shutil.disk_usage("/dev/shm").total < 512 * 2 ** 20:
-        if not _shm_ok.noticed:  # a loader is made every epoch: say it once
-            log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
-            _shm_ok.noticed = True
-        return False
-    return True
-
-
-_shm_ok.noticed = False
-
-
-def make_loader(dataset, batch_size, num_workers, batches=None):
-    """A DataLoader over ``batches`` (lists of indices) or, when None, in order."""
-    if batches is None:
-        batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    return paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                use_shared_memory=_shm_ok(num_workers))
-
-
-def epoch_batches(dataset, cfg, epoch, world_size=1, rank=0):
-    """This rank's batches for ``epoch``: DistributedBatchSampler's shard, shuffled by (seed, epoch)."""
-    sampler = paddle.io.DistributedBatchSampler(dataset, cfg.batch_size, num_replicas=world_size,
-                                                rank=rank, shuffle=True, drop_last=False)
-    sampler.set_epoch((cfg.seed * 1_000_003 + epoch) % 2 ** 32)  # it seeds RandomState(epoch)
-    return list(sampler)
+def format_seconds(s):
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 # --------------------------------------------------------------------------- evaluate
-def eval_loader(dataset, batch_size, num_workers, world_size=1, rank=0):
-    """This rank's share of ``dataset`` for evaluation: every world_size-th sample, no
-    padding (DistributedBatchSampler pads with repeats, which would count twice)."""
-    shard = list(range(rank, len(dataset), world_size))
-    return make_loader(dataset, batch_size, num_workers,
-                       [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)])
-
-
 @paddle.no_grad()
 def evaluate(model, loader, num_classes, world_size=1):
     """Top-1/top-5 accuracy, mean loss and the confusion matrix (rows: true, cols: predicted),
@@ -332,55 +194,7 @@ def evaluate(model, loader, num_classes, world_size=1):
                 images_per_s=n / seconds if seconds > 0 else float("nan"))
 
 
-# ------------------------------------------------------------------------ one epoch
-def train_one_epoch(model, loader, opt, sched, cfg, ctx, epoch, progress):
-    """Train over ``loader``; ``progress`` carries the running sums and the iteration
-    count (it is saved in a Ctrl-C checkpoint, so a resumed epoch adds up the same)."""
-    model.train()
-    steps = len(loader) + progress["step"]
-    t0, seen0 = time.time(), progress["seen"]
-    for images, labels in loader:
-        with paddle.amp.auto_cast(enable=ctx["amp"], level=cfg.amp_level, dtype=cfg.amp_dtype):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        if ctx["scaler"] is not None:
-            ctx["scaler"].scale(loss).backward()
-            ctx["scaler"].step(opt)
-            ctx["scaler"].update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.clear_grad()
-        sched.step()
-        n = labels.shape[0]
-        # accumulate on the device; .item() (a GPU sync) only when printing
-        progress["loss_sum"] = progress["loss_sum"] + loss.detach() * n
-        progress["correct"] = progress["correct"] + (logits.argmax(-1) == labels.reshape([-1])).astype("int64").sum()
-        progress["seen"] += n
-        progress["step"] += 1
-        progress["iteration"] += 1
-        if progress["step"] % cfg.log_every == 0 or progress["step"] == steps:
-            elapsed = time.time() - t0
-            rate = (progress["seen"] - seen0) / elapsed if elapsed > 0 else float("nan")
-            eta = elapsed / max(progress["step"] - (steps - len(loader)), 1) * (steps - progress["step"])
-            log(f"epoch {epoch + 1} step {progress['step']}/{steps} "
-                f"loss {as_number(progress['loss_sum']) / progress['seen']:.4f} "
-                f"acc {as_number(progress['correct']) / progress['seen']:.4f} "
-                f"{rate:.1f} img/s eta {format_seconds(eta)}")
-        if ctx["max_iters"] and progress["iteration"] >= ctx["max_iters"]:
-            break
-
-
-def as_number(x):
-    return x.item() if isinstance(x, paddle.Tensor) else x
-
-
-def format_seconds(s):
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-# ------------------------------------------------------------------ metrics and plot
+# ------------------------------------------------------------------------ metrics
 FIELDS = ["epoch", "iteration", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_img_per_s"]
 
 
@@ -393,29 +207,6 @@ def write_metrics(path, history):
     os.replace(tmp, path)
 
 
-def plot_curves(path, history, title=""):
-    """Loss and accuracy per epoch, train vs val, to a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax in (("loss", ax1), ("acc", ax2)):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
-        val = [h[f"val_{key}"] for h in history]
-        if not all(v == "" for v in val):
-            ax.plot(epochs, val, "o-", label="val")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if key == "acc" else "cross-entropy loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=80)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
 # ------------------------------------------------------------------------------ fit
 def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=None, extra_state=None):
     """Train ``cfg.epochs`` on datasets['train'], select on datasets['val'] (if any),
@@ -423,138 +214,73 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
 
     model/parameters: a prepared model (fine-tuning) and the parameters to train;
     by default the model cfg names, all parameters. extra_state: saved in checkpoints.
-    Returns a dict with the final and best test results and the history.
+    Returns the dict written to results.yaml.
     """
-    device = select_device(cfg.device)
-    if cfg.amp and device != "gpu":
-        raise RunError("--amp needs a GPU: Paddle's CPU kernels have no fp16/bf16 path; drop --amp")
+    # set up
+    device = devices.select_device(cfg.device)
     world, me = init_distributed()
-    if cfg.sync_bn and device != "gpu" and world > 1:
-        raise RunError("--sync-bn needs GPUs: Paddle has no CPU kernel for SyncBatchNorm; drop --sync-bn")
-    main_rank = me == 0
+    check_run_options(cfg, device, world)
     out = cfg.output_dir
-    if resume_state is None and os.path.exists(os.path.join(out, LAST)):
-        raise RunError(f"{out} already holds a run; continue it with --resume {out}, or pick a new --output-dir")
+    if resume_state is None and os.path.exists(os.path.join(out, checkpoint.LAST)):
+        raise UserError(f"{out} already holds a run; continue it with --resume {out}, or pick a new --output-dir")
     os.makedirs(out, exist_ok=True)
-    num_classes = len(class_names)
-    paddle.seed(cfg.seed)  # the model's initial weights
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    if model is None:
-        model = build_model(cfg, num_classes)
-    if parameters is None:
-        parameters = [p for p in model.parameters() if not p.stop_gradient]
+    seed_everything(cfg.seed)  # the model's initial weights
+    model = model if model is not None else checkpoint.build_model(cfg, len(class_names))
+    parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
-    global_batch = cfg.batch_size * world
-    iters_per_epoch = math.ceil(len(train_set) / global_batch)
-    opt, sched = build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=world if cfg.scale_lr else 1)
-    scaler = paddle.amp.GradScaler() if cfg.amp and cfg.amp_dtype == "float16" else None
-
-    start_epoch, history, best = 0, [], dict(val_acc=-1.0, epoch=0)
-    progress = None
+    batches = data.TrainBatches(train_set, cfg, world, me)
+    opt, sched = build_optimizer(cfg, parameters, batches.per_epoch, lr_scale=world if cfg.scale_lr else 1)
+    scaler = paddle.amp.GradScaler(enable=cfg.amp and cfg.amp_dtype == "float16")
+    # restore
+    run = checkpoint.RunState()
     if resume_state is not None:
-        models.load_weights(model, resume_state["model"])
-        set_optimizer_state(opt, model, resume_state["optimizer"])
-        sched.set_state_dict(resume_state["scheduler"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        start_epoch, history, best = resume_state["epoch"], resume_state["history"], resume_state["best"]
-        progress = resume_state.get("progress")  # set when interrupted inside an epoch
-        set_rng_state(resume_state["rng"])
-        log(f"resumed from {out} at epoch {start_epoch + 1}" + (f", step {progress['step']}" if progress else ""))
-    # ``model`` stays the plain network: its state dict has no wrapper prefix, so a
-    # checkpoint from a launch loads in a single process and the other way round
-    net = model
-    if world > 1 and cfg.sync_bn:  # same parameter objects, so the optimizer still holds them
-        model = net = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.amp and cfg.amp_level == "O2":  # low-precision weights, fp32 master weights in the optimizer
-        net, opt = paddle.amp.decorate(models=net, optimizers=opt, level="O2", dtype=cfg.amp_dtype,
-                                       save_dtype="float32")
-    if cfg.to_static:
-        net = paddle.jit.to_static(net)  # same parameters: checkpoints are unchanged
-    if world > 1:
-        net = paddle.DataParallel(net)  # broadcasts rank 0's weights, all-reduces gradients
-    ctx = dict(amp=cfg.amp, scaler=scaler, max_iters=cfg.max_iters)
-    if main_rank:
-        save_yaml(cfg, os.path.join(out, "config.yaml"))
-    n_train = sum(int(np.prod(p.shape)) for p in parameters)
-    log(f"model {cfg.model}: {n_train:,} trainable parameters | device {device} x {world} | "
-        f"train {len(train_set)} val {len(val_set) if val_set else 0} test {len(test_set) if test_set else 0} | "
-        f"batch {cfg.batch_size} per device, global batch {global_batch}, {iters_per_epoch} iterations/epoch, "
-        f"{cfg.epochs} epochs, lr {opt.get_lr():g}")
+        run = checkpoint.restore_run(resume_state, model, opt, sched, scaler)
+        log(f"resumed from {out} at epoch {run.epoch + 1}" + (f", step {run.step}" if run.step else ""))
+    # wrap for training: ``model`` stays the plain network, checkpoints are written from it
+    train_net, opt = wrap_for_training(model, opt, cfg, world)
+    if me == 0:
+        config.save_yaml(cfg, os.path.join(out, "config.yaml"))
+    log_start(cfg, parameters, device, world, datasets, batches.per_epoch, opt)
+    val_loader = eval_loader(cfg, val_set, world, me)
 
-    def state(epoch, progress=None):
-        return dict(model=model.state_dict(), optimizer=optimizer_state(opt, model), scheduler=sched.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch,
-                    progress=progress, history=history, best=best, rng=rng_state(),
-                    config=to_dict(cfg), class_names=list(class_names),
-                    paddle_version=paddle.__version__, **(extra_state or {}))
-
-    eval_bs = max(cfg.batch_size, 256)
-    has_val = val_set is not None and len(val_set) > 0
-    val_loader = eval_loader(val_set, eval_bs, cfg.num_workers, world, me) if has_val else None
-    device_loader = None
-    if cfg.loader == "device":
-        from data import DeviceCifarLoader
-        device_loader = DeviceCifarLoader(train_set, cfg.augment, cfg.seed)
+    def save(improved=False):
+        if me == 0:
+            state = checkpoint.run_state(run, model, opt, sched, scaler, cfg, class_names, extra_state)
+            checkpoint.save_run(out, state, improved)
+    # loop over epochs
     run_start, epoch_times = time.time(), []
-    iteration = history[-1]["iteration"] if history else 0
-    epoch = start_epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if cfg.max_iters and iteration >= cfg.max_iters:
+        for epoch in range(run.epoch, cfg.epochs):
+            if cfg.max_iters and run.iteration >= cfg.max_iters:
                 break
             t0 = time.time()
-            if progress is None:
-                progress = dict(step=0, seen=0, loss_sum=0.0, correct=0, iteration=iteration)
-            train_set.set_epoch(epoch)
-            batches = epoch_batches(train_set, cfg, epoch, world, me)[progress["step"]:]
-            if device_loader is not None:
-                loader = device_loader.epoch(epoch, batches)
-            else:
-                loader = make_loader(train_set, cfg.batch_size, cfg.num_workers, batches)
-            train_one_epoch(net, loader, opt, sched, cfg, ctx, epoch, progress)
-            iteration = progress["iteration"]
-            train_time = time.time() - t0
-            loss_sum, correct, seen = all_sum([as_number(progress["loss_sum"]), as_number(progress["correct"]),
-                                               progress["seen"]], world)
-            row = dict(epoch=epoch + 1, iteration=iteration, lr=opt.get_lr(), train_loss=loss_sum / seen,
-                       train_acc=correct / seen, val_loss="", val_acc="",
-                       train_img_per_s=seen / train_time if train_time > 0 else "")
-            progress = None
+            train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch)
+            # end of epoch: metrics, validation, checkpoints
+            row = epoch_row(run, epoch, opt, world, time.time() - t0)
+            run.start_epoch()
             if val_loader is not None:
-                v = evaluate(model, val_loader, num_classes, world)
+                v = evaluate(model, val_loader, len(class_names), world)
                 row.update(val_loss=v["loss"], val_acc=v["top1"])
             row["epoch_time_s"] = time.time() - t0
-            history.append(row)
-            epoch_times.append(row["epoch_time_s"])
-            improved = val_loader is not None and row["val_acc"] > best["val_acc"]
+            improved = val_loader is not None and row["val_acc"] > run.best["val_acc"]
             if improved:
-                best = dict(val_acc=row["val_acc"], epoch=epoch + 1)
-            if main_rank:
-                save_checkpoint(os.path.join(out, LAST), state(epoch + 1))
-                if improved:
-                    save_checkpoint(os.path.join(out, BEST), state(epoch + 1))
-                write_metrics(os.path.join(out, "metrics.csv"), history)
-                plot_curves(os.path.join(out, "curves.png"), history, title=f"{cfg.model}")
-            left = cfg.epochs - epoch - 1
-            if cfg.max_iters:
-                left = min(left, math.ceil(max(cfg.max_iters - iteration, 0) / iters_per_epoch))
-            val_text = f"val loss {row['val_loss']:.4f} val acc {row['val_acc']:.4f} | " if val_loader else ""
-            log(f"epoch {epoch + 1}/{cfg.epochs} done in {format_seconds(row['epoch_time_s'])} | "
-                f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | {val_text}"
-                f"lr {row['lr']:.5f} | run eta {format_seconds(np.mean(epoch_times) * left)}")
+                run.best = dict(val_acc=row["val_acc"], epoch=epoch + 1)
+            run.history.append(row)
+            run.epoch = epoch + 1
+            save(improved)
+            if me == 0:
+                write_metrics(os.path.join(out, "metrics.csv"), run.history)
+                plots.plot_curves(os.path.join(out, "curves.png"), run.history, title=cfg.model)
+            epoch_times.append(row["epoch_time_s"])
+            log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
     except KeyboardInterrupt:
-        if main_rank and progress is not None and progress["step"] > 0 and world == 1:
-            progress = dict(progress, loss_sum=as_number(progress["loss_sum"]), correct=as_number(progress["correct"]))
-            save_checkpoint(os.path.join(out, LAST), state(epoch, progress))
-        # under launch a mid-epoch position is not saved: the ranks' sums are not reduced
-        if os.path.exists(os.path.join(out, LAST)):
-            log(f"\ninterrupted: checkpoint in {os.path.join(out, LAST)}; continue with --resume {out}")
-        else:
-            log("\ninterrupted before the first step: nothing to save")
+        if run.step > 0 and world == 1:  # under launch the ranks' partial sums are not reduced
+            save()
+        where = os.path.join(out, checkpoint.LAST)
+        log(f"\ninterrupted: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
+            else "\ninterrupted before the first step: nothing to save")
         sys.exit(130)
-
+    # report
     log(f"training done in {format_seconds(time.time() - run_start)}")
     if world > 1:
         agree = replicas_agree(model, world)
@@ -562,30 +288,103 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             f"BN running statistics by {agree['bn_stats']:g} (each rank's own batches; rank 0's are saved)")
         import paddle.distributed as dist
         dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
-    return final_report(cfg, model, test_set, num_classes, out, best, history, world, me)
+    evidence = dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}",
+                    seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+    return final_report(cfg, model, test_set, len(class_names), run, world, me, evidence)
 
 
-def final_report(cfg, model, test_set, num_classes, out, best, history, world=1, me=0):
-    """Write results.yaml: the last epoch's figures, and the test accuracy of the final
-    and of the best-on-validation model (reported, never used to choose)."""
-    last = history[-1]
+def check_run_options(cfg, device, world):
+    if cfg.amp and device != "gpu":
+        raise UserError("--amp needs a GPU: Paddle's CPU kernels have no fp16/bf16 path; drop --amp")
+    if cfg.sync_bn and device != "gpu" and world > 1:
+        raise UserError("--sync-bn needs GPUs: Paddle has no CPU kernel for SyncBatchNorm; drop --sync-bn")
+    if data.shm_too_small(cfg.num_workers):
+        log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
+
+
+def seed_everything(seed):
+    paddle.seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def wrap_for_training(model, opt, cfg, world):
+    """(train_net, optimizer): ``model`` as training runs it (SyncBN, AMP O2, to_static,
+    DataParallel). The wrappers keep the same parameter objects, so the optimizer and
+    the checkpoints (written from ``model``, without a wrapper prefix) are unchanged."""
+    train_net = model
+    if world > 1 and cfg.sync_bn:
+        train_net = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(train_net)
+    if cfg.amp and cfg.amp_level == "O2":  # low-precision weights, fp32 master weights in the optimizer
+        train_net, opt = paddle.amp.decorate(models=train_net, optimizers=opt, level="O2", dtype=cfg.amp_dtype,
+                                             save_dtype="float32")
+    if cfg.to_static:
+        train_net = paddle.jit.to_static(train_net)
+    if world > 1:
+        train_net = paddle.DataParallel(train_net)  # broadcasts rank 0's weights, all-reduces gradients
+    return train_net, opt
+
+
+def eval_loader(cfg, dataset, world=1, me=0):
+    """This rank's evaluation loader for ``dataset``, or None when it is missing or empty."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    return data.eval_loader(dataset, max(cfg.batch_size, 256), cfg.num_workers, world, me)
+
+
+def log_start(cfg, parameters, device, world, datasets, iters_per_epoch, opt):
+    n_train = sum(int(np.prod(p.shape)) for p in parameters)
+    sizes = " ".join(f"{k} {len(datasets[k]) if datasets.get(k) is not None else 0}" for k in ("train", "val", "test"))
+    log(f"model {cfg.model}: {n_train:,} trainable parameters | device {device} x {world} | {sizes} | "
+        f"batch {cfg.batch_size} per device, global batch {cfg.batch_size * world}, {iters_per_epoch} iterations/epoch, "
+        f"{cfg.epochs} epochs, lr {opt.get_lr():g}")
+
+
+def epoch_row(run, epoch, opt, world, train_time):
+    """The metrics row of a finished epoch (train figures summed over the ranks)."""
+    loss_sum, correct, seen = all_sum([as_number(run.loss_sum), as_number(run.correct), run.seen], world)
+    return dict(epoch=epoch + 1, iteration=run.iteration, lr=opt.get_lr(), train_loss=loss_sum / seen,
+                train_acc=correct / seen, val_loss="", val_acc="",
+                train_img_per_s=seen / train_time if train_time > 0 else "")
+
+
+def epochs_left(cfg, run, iters_per_epoch):
+    left = cfg.epochs - run.epoch
+    if cfg.max_iters:
+        left = min(left, -(-max(cfg.max_iters - run.iteration, 0) // iters_per_epoch))
+    return left
+
+
+def log_epoch(cfg, row, left, mean_epoch_time):
+    val_text = f"val loss {row['val_loss']:.4f} val acc {row['val_acc']:.4f} | " if row["val_acc"] != "" else ""
+    log(f"epoch {row['epoch']}/{cfg.epochs} done in {format_seconds(row['epoch_time_s'])} | "
+        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | {val_text}"
+        f"lr {row['lr']:.5f} | run eta {format_seconds(mean_epoch_time * left)}")
+
+
+def final_report(cfg, model, test_set, num_classes, run, world=1, me=0, evidence=None):
+    """Write results.yaml: the last epoch's figures, the test accuracy of the final and of
+    the best-on-validation model (reported, never used to choose) and the evidence
+    behind them (Paddle version, device, seed, command)."""
+    last, best, out = run.history[-1], run.best, cfg.output_dir
     result = dict(model=cfg.model, epochs=last["epoch"], iterations=last["iteration"],
-                  train_time_s=sum(h["epoch_time_s"] for h in history),
+                  train_time_s=sum(h["epoch_time_s"] for h in run.history),
                   final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
                   final_val_acc=last["val_acc"] if last["val_acc"] != "" else None,
                   best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)
-    if test_set is not None and len(test_set):
-        loader = eval_loader(test_set, max(cfg.batch_size, 256), cfg.num_workers, world, me)
+    loader = eval_loader(cfg, test_set, world, me)
+    if loader is not None:
         final = evaluate(model, loader, num_classes, world)
         result["final_test_acc"] = final["top1"]
         log(f"final model (epoch {last['epoch']}): test acc {final['top1']:.4f}")
         if best["epoch"]:
             b = final
             if best["epoch"] != last["epoch"]:  # else the best model is the final one
-                models.load_weights(model, load_checkpoint(os.path.join(out, BEST))["model"])
-                b = evaluate(model, loader, num_classes, world)
+                _, best_model = checkpoint.model_from_checkpoint(checkpoint.load(os.path.join(out, checkpoint.BEST)))
+                b = evaluate(best_model, loader, num_classes, world)
             result["best_test_acc"] = b["top1"]
             log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
+    result.update(evidence or {})
     if me != 0:
         return result
     path = os.path.join(out, "results.yaml")  # its presence marks a finished run: write atomically

@@ -2,6 +2,7 @@
 
     python eval.py --ckpt runs/cifar10/best.pdckpt --data-file ../data/cifar-10-python.tar.gz
     python eval.py --ckpt runs/cifar10 --split val --json
+    python eval.py --ckpt runs/finetune          # a fine-tuning run: its image folder's val split
 
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
 images/s; saves the confusion matrix as a PNG next to the checkpoint.
@@ -9,41 +10,44 @@ images/s; saves the confusion matrix as a PNG next to the checkpoint.
 import argparse
 import json
 import os
-import sys
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import checkpoint
 import config
 import data
 import engine
+import plots
 import predictors
 
 
-def plot_confusion(path, confusion, class_names, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(class_names)):
-        for j in range(len(class_names)):
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if confusion[i, j] > confusion.max() / 2 else "black")
-    fig.colorbar(im)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def eval_split(cfg, args):
+    """The dataset ``args.split`` of the run ``cfg`` was trained on (or of --data-file / --data-dir)."""
+    if isinstance(cfg, config.FinetuneConfig):
+        if args.split == "test":
+            raise config.UserError("a fine-tuning run has no test split (an image folder is split into train and "
+                                   "val only); use --split val")
+        if args.data_file:
+            raise config.UserError("--data-file is for CIFAR-10 checkpoints; a fine-tuning run takes --data-dir")
+        if args.data_dir:
+            cfg = config.make_config({"data_dir": args.data_dir}, base=cfg)
+        return data.image_folder_splits(cfg)[0]["val"]
+    if args.data_dir:
+        raise config.UserError("--data-dir is for fine-tuning checkpoints; a CIFAR-10 checkpoint takes --data-file")
+    if args.data_file:
+        cfg = config.make_config({"data_file": args.data_file}, base=cfg)
+    dataset = data.cifar10_splits(cfg)[args.split]
+    if not len(dataset):
+        raise config.UserError(f"the run has no {args.split} split (val_size was 0); use --split test")
+    return dataset
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a CIFAR-10 checkpoint.")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt file, or a run directory (its best, else last)")
-    parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument("--split", choices=["test", "val"],
+                        help="default: test for CIFAR-10, val for a fine-tuning run (an image folder has no test split)")
     parser.add_argument("--data-file", help="cifar-10-python.tar.gz (default: the one the run was trained on)")
+    parser.add_argument("--data-dir", help="a fine-tuning run: its image folder (default: the one it was trained on)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
@@ -54,34 +58,29 @@ def main(argv=None):
     parser.add_argument("--tensorrt", action="store_true", help="--inference on a GPU: through TensorRT")
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
-    try:
-        path = engine.resolve_ckpt(args.ckpt)
-        state = engine.load_checkpoint(path)
-        checkpoint = predictors.CheckpointPredictor(path, args.device, state=state)
-        cfg, model = checkpoint.cfg, checkpoint.model
-        if args.data_file:
-            cfg = config.make_config({"data_file": args.data_file}, base=cfg)
-        dataset = data.cifar10_splits(cfg)[args.split]
-        if not len(dataset):
-            raise engine.RunError(f"the run has no {args.split} split (val_size was 0); use --split test")
-        loader = engine.make_loader(dataset, args.batch_size, args.num_workers)
+    with config.user_errors():
+        path = checkpoint.resolve(args.ckpt)
+        state = checkpoint.load(path)
+        predictor = predictors.CheckpointPredictor(path, args.device, state=state)
+        cfg, model = predictor.cfg, predictor.model
+        args.split = args.split or ("val" if isinstance(cfg, config.FinetuneConfig) else "test")
+        dataset = eval_split(cfg, args)
+        loader = data.make_loader(dataset, args.batch_size, args.num_workers)
         class_names = state["class_names"]
         if args.inference:
             import tempfile
             import paddle
             with tempfile.TemporaryDirectory() as tmp:
-                predictors.export(checkpoint, tmp)
+                predictors.export(predictor, tmp)
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
                                                                tensorrt=args.tensorrt)
 
             def model(images):  # the predictor's numpy logits, as a tensor for evaluate()
                 return paddle.to_tensor(predictor(images.numpy()))
         r = engine.evaluate(model, loader, len(class_names))
-    except (config.ConfigError, data.DataError, engine.RunError) as e:
-        sys.exit(f"error: {e}")
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")
-    plot_confusion(png, r["confusion"], class_names,
+    plots.plot_confusion(png, r["confusion"], class_names,
                    f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],
                   path="paddle.inference" if args.inference else "dygraph",

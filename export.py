@@ -4,10 +4,10 @@
     python predict.py --inference-model exported/flowers photo.jpg
 """
 import argparse
-import sys
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
-import engine
+import checkpoint
+import config
 import predictors
 
 
@@ -16,11 +16,9 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="a .pdckpt checkpoint (or a run directory: its best)")
     parser.add_argument("--output", required=True, help="directory to write model.* and meta.json to")
     args = parser.parse_args(argv)
-    try:
-        predictor = predictors.CheckpointPredictor(engine.resolve_ckpt(args.ckpt), device="cpu")
+    with config.user_errors():
+        predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), device="cpu")
         prefix = predictors.export(predictor, args.output)
-    except engine.RunError as e:
-        sys.exit(f"error: {e}")
     print(f"exported {prefix}.* and {args.output}/meta.json")
 
 

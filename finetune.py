@@ -4,7 +4,7 @@
     python finetune.py --data-dir flowers/ --depth 18 --pretrained runs/cifar10/best.pdckpt --image-size 64
     python finetune.py --data-dir flowers/ --pretrained resnet34.pth --strategy head   # torchvision weights
 
-Strategies (seed 004's three ways):
+Three fine-tuning strategies:
   full  load the weights and train every layer;
   last  freeze the stem and all stages but the last; train the last stage and a new classifier;
   head  freeze the whole backbone (a fixed feature extractor); train a new classifier only.
@@ -12,9 +12,9 @@ Frozen layers get no gradient and their BatchNorm statistics stay as loaded.
 """
 import argparse
 import os
-import sys
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import checkpoint
 import config
 import data
 import engine
@@ -55,37 +55,35 @@ def load_pretrained(model, cfg, num_classes):
         same_head = fc is not None and list(fc.shape) == list(model.fc.weight.shape)
         keys = models.load_weights(model, state, skip_classifier=not same_head)
     except (ValueError, WeightsMismatchError) as e:
-        raise engine.RunError(str(e))
+        raise config.UserError(str(e))
     engine.log(f"loaded {len(keys)} tensors from {cfg.pretrained}"
                + ("" if same_head else f"; new {num_classes}-class classifier"))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Fine-tune a ResNet on an image folder.")
-    engine.add_run_arguments(parser, config.FinetuneConfig, DEPTHS)
+    config.add_run_arguments(parser, config.FinetuneConfig, DEPTHS)
     args = parser.parse_args(argv)
-    try:
-        cfg, resume_state = engine.run_config(args, config.FinetuneConfig, DEPTHS.get(args.depth))
+    with config.user_errors():
+        cfg, resume_state = config.run_config(args, config.FinetuneConfig, DEPTHS.get(args.depth))
         if resume_state is None and cfg.pretrained.endswith(".pdckpt") and os.path.isfile(cfg.pretrained):
             # a checkpoint of ours: its architecture (a CIFAR stem, say) decides the model
-            source = engine.config_from_checkpoint(engine.load_checkpoint(cfg.pretrained))
+            source = config.from_checkpoint(checkpoint.load(cfg.pretrained))
             cfg = config.make_config(dict(model=source.model, stem=source.stem), base=cfg)
         if cfg.loader != "dataloader":
-            raise config.ConfigError("--loader device is for CIFAR-10 (train_cifar10.py); use --loader dataloader")
+            raise config.UserError("--loader device is for CIFAR-10 (train_cifar10.py); use --loader dataloader")
         datasets, classes, preprocess = data.image_folder_splits(cfg)
         import paddle
         paddle.seed(cfg.seed)  # the new classifier's initial weights
-        model = engine.build_model(cfg, len(classes))
+        model = checkpoint.build_model(cfg, len(classes))
         if resume_state is None:
             load_pretrained(model, cfg, len(classes))
         parameters = apply_strategy(model, cfg.strategy)
         learnable = [p for k, p in model.named_parameters() if not k.endswith(("_mean", "_variance"))]
         engine.log(f"strategy {cfg.strategy}: {sum(p.size for p in parameters):,} of "
                    f"{sum(p.size for p in learnable):,} parameters trainable; classes: {', '.join(classes)}")
-        engine.fit(cfg, datasets, classes, resume_state=resume_state, model=model, parameters=parameters,
-                   extra_state=dict(preprocess=preprocess))
-    except (config.ConfigError, data.DataError, engine.RunError) as e:
-        sys.exit(f"error: {e}")
+        return engine.fit(cfg, datasets, classes, resume_state=resume_state, model=model, parameters=parameters,
+                          extra_state=dict(preprocess=preprocess))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import sys
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
 import numpy as np
 
+import checkpoint
+import config
 import data
-import engine
 import predictors
 
 
@@ -37,7 +38,7 @@ def predict_files(predictor, files, topk=5, batch_size=32, on_error=None):
                 names.append(path)
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
                 if on_error is None:
-                    raise
+                    raise config.UserError(f"cannot read image {path} ({type(e).__name__}: {e})")
                 on_error(path, e)
         if not batch:
             continue
@@ -64,17 +65,17 @@ def main(argv=None):
     def skipped(path, error):
         print(f"skipped {path}: cannot read image ({type(error).__name__})", file=sys.stderr)
 
-    try:
+    with config.user_errors():
         if os.path.isdir(args.path):
             files, on_error = predictors.list_images(args.path), skipped
             if not files:
-                raise engine.RunError(f"{args.path} holds no image files ({', '.join(predictors.IMAGE_EXTENSIONS)})")
+                raise config.UserError(f"{args.path} holds no image files ({', '.join(predictors.IMAGE_EXTENSIONS)})")
         elif os.path.isfile(args.path):
             files, on_error = [args.path], None
         else:
-            raise engine.RunError(f"{args.path}: no such file or folder")
+            raise config.UserError(f"{args.path}: no such file or folder")
         if args.ckpt:
-            predictor = predictors.CheckpointPredictor(engine.resolve_ckpt(args.ckpt), args.device)
+            predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), args.device)
         else:
             predictor = predictors.InferenceModelPredictor(args.inference_model, args.device,
                                                            precision=args.precision, tensorrt=args.tensorrt)
@@ -85,10 +86,6 @@ def main(argv=None):
                 print(json.dumps(dict(file=path, top=[dict(label=c, prob=p) for c, p in top])), flush=True)
             else:
                 print(f"{path}: " + ", ".join(f"{c} {p:.4f}" for c, p in top), flush=True)
-    except (OSError, ValueError, SyntaxError) as e:
-        sys.exit(f"error: cannot read image {args.path} ({type(e).__name__}: {e})")
-    except engine.RunError as e:
-        sys.exit(f"error: {e}")
     return results
 
 

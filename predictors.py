@@ -11,8 +11,10 @@ import numpy as np
 import paddle
 from PIL import Image
 
+import checkpoint
 import data
-import engine
+import device as devices
+from config import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 META = "meta.json"
@@ -41,10 +43,10 @@ class CheckpointPredictor:
     """The model of a checkpoint (``state``: the checkpoint already loaded, if it is)."""
 
     def __init__(self, ckpt, device="auto", state=None):
-        state = state if state is not None else engine.load_checkpoint(ckpt)
-        engine.select_device(device)
+        devices.select_device(device)
+        state = state if state is not None else checkpoint.load(ckpt)
         self.ckpt = ckpt
-        self.cfg, self.model = engine.model_from_checkpoint(state)
+        self.cfg, self.model = checkpoint.model_from_checkpoint(state)
         self.model.eval()
         self.class_names = list(state["class_names"])
         self.preprocess = state.get("preprocess") or data.CIFAR10_PREPROCESS
@@ -78,20 +80,23 @@ class InferenceModelPredictor:
         from paddle import inference
         meta_path = os.path.join(model_dir, META)
         if not os.path.isfile(meta_path):
-            raise engine.RunError(f"--inference-model {model_dir}: no {META}; make it with export.py --output {model_dir}")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        self.class_names, self.preprocess = meta["class_names"], meta["preprocess"]
+            raise UserError(f"--inference-model {model_dir}: no {META}; make it with export.py --output {model_dir}")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            self.class_names, self.preprocess = meta["class_names"], meta["preprocess"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--inference-model {model_dir}: {META} is unreadable ({type(e).__name__}); "
+                            f"export the model again with export.py --output {model_dir}")
         # Paddle 3.x writes model.json, 2.x model.pdmodel; 3.x reads both
         model_file = next((os.path.join(model_dir, "model" + ext) for ext in (".json", ".pdmodel")
                            if os.path.isfile(os.path.join(model_dir, "model" + ext))), None)
         if model_file is None:
-            raise engine.RunError(f"--inference-model {model_dir}: no model.json or model.pdmodel in it")
+            raise UserError(f"--inference-model {model_dir}: no model.json or model.pdmodel in it")
         config = inference.Config(model_file, os.path.join(model_dir, "model.pdiparams"))
         config.disable_glog_info()
         config.switch_ir_optim(True)
-        use_gpu = device == "gpu" or (device == "auto" and paddle.is_compiled_with_cuda()
-                                      and paddle.device.cuda.device_count() > 0)
+        use_gpu = device == "gpu" or (device == "auto" and devices.has_gpu())
         if use_gpu:
             half = inference.PrecisionType.Half if precision == "fp16" else inference.PrecisionType.Float32
             if tensorrt:
@@ -101,7 +106,7 @@ class InferenceModelPredictor:
             else:
                 config.enable_use_gpu(256, 0, half)
         elif precision != "fp32" or tensorrt:
-            raise engine.RunError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
+            raise UserError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
         else:
             config.disable_gpu()
             if hasattr(config, "enable_onednn"):  # 3.x name; 2.6 has only enable_mkldnn

@@ -9,7 +9,6 @@ Selection uses a validation split held out of the training set (--val-size);
 the test set is evaluated once at the end, for the final and the best model.
 """
 import argparse
-import sys
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
 import config
@@ -22,15 +21,13 @@ DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a ResNet on CIFAR-10.")
-    engine.add_run_arguments(parser, config.TrainConfig, DEPTHS)
+    config.add_run_arguments(parser, config.TrainConfig, DEPTHS)
     args = parser.parse_args(argv)
-    try:
-        cfg, resume_state = engine.run_config(args, config.TrainConfig, DEPTHS.get(args.depth))
+    with config.user_errors():
+        cfg, resume_state = config.run_config(args, config.TrainConfig, DEPTHS.get(args.depth))
         datasets = data.cifar10_splits(cfg)
-        engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume_state,
-                   extra_state=dict(preprocess=data.CIFAR10_PREPROCESS))
-    except (config.ConfigError, data.DataError, engine.RunError) as e:
-        sys.exit(f"error: {e}")
+        return engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume_state,
+                          extra_state=dict(preprocess=data.CIFAR10_PREPROCESS))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ if _cpu_vendor() == "AuthenticAMD":
 import PIL.Image  # noqa: E402,F401
 
 from .resnet import (  # noqa: E402
-    MODELS, STEM_MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,
+    MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,
     get_model, plain20, plain32, plain44, plain56, plain110, resnet18, resnet20, resnet32,
     resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
     resnext50_32x4d, wide_resnet50_2)

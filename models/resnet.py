@@ -238,8 +238,12 @@ def _resnet(depth, num_classes=1000, stem="imagenet", **kwargs):
     return ResNet(block, layers, num_classes=num_classes, stem=stem, **kwargs)
 
 
-def _cifar_net(depth, shortcut, num_classes=10, **kwargs):
-    """The paper's CIFAR nets (section 4.2): 6n+2 layers, n blocks per stage, 16/32/64 filters."""
+def _cifar_net(depth, shortcut, num_classes=10, stem="cifar", **kwargs):
+    """The paper's CIFAR nets (section 4.2): 6n+2 layers, n blocks per stage, 16/32/64 filters.
+    ``stem`` is accepted so that every factory takes it; these nets have only the CIFAR one."""
+    if stem != "cifar":
+        name = ("plain" if shortcut is None else "resnet") + str(depth)
+        raise ValueError(f"{name} is the paper's CIFAR network: it has only the CIFAR stem; use stem 'cifar'")
     n = (depth - 2) // 6
     return ResNet(ResidualBlock, (n, n, n), num_classes=num_classes, stem="cifar",
                   widths=(16, 32, 64), shortcut=shortcut, **kwargs)
@@ -278,50 +282,48 @@ def wide_resnet50_2(num_classes=1000, stem="imagenet", **kwargs):
     return _resnet(50, num_classes, stem, width_per_group=128, **kwargs)
 
 
-def resnet20(num_classes=10, **kwargs):
+def resnet20(num_classes=10, stem="cifar", **kwargs):
     """The paper's ResNet-20 for CIFAR (option A shortcuts, 269,722 parameters)."""
-    return _cifar_net(20, "A", num_classes, **kwargs)
+    return _cifar_net(20, "A", num_classes, stem, **kwargs)
 
 
-def resnet32(num_classes=10, **kwargs):
-    return _cifar_net(32, "A", num_classes, **kwargs)
+def resnet32(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(32, "A", num_classes, stem, **kwargs)
 
 
-def resnet44(num_classes=10, **kwargs):
-    return _cifar_net(44, "A", num_classes, **kwargs)
+def resnet44(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(44, "A", num_classes, stem, **kwargs)
 
 
-def resnet56(num_classes=10, **kwargs):
-    return _cifar_net(56, "A", num_classes, **kwargs)
+def resnet56(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(56, "A", num_classes, stem, **kwargs)
 
 
-def resnet110(num_classes=10, **kwargs):
-    return _cifar_net(110, "A", num_classes, **kwargs)
+def resnet110(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(110, "A", num_classes, stem, **kwargs)
 
 
-def plain20(num_classes=10, **kwargs):
+def plain20(num_classes=10, stem="cifar", **kwargs):
     """ResNet-20 without shortcuts: the paper's plain baseline (Fig. 6, left)."""
-    return _cifar_net(20, None, num_classes, **kwargs)
+    return _cifar_net(20, None, num_classes, stem, **kwargs)
 
 
-def plain32(num_classes=10, **kwargs):
-    return _cifar_net(32, None, num_classes, **kwargs)
+def plain32(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(32, None, num_classes, stem, **kwargs)
 
 
-def plain44(num_classes=10, **kwargs):
-    return _cifar_net(44, None, num_classes, **kwargs)
+def plain44(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(44, None, num_classes, stem, **kwargs)
 
 
-def plain56(num_classes=10, **kwargs):
-    return _cifar_net(56, None, num_classes, **kwargs)
+def plain56(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(56, None, num_classes, stem, **kwargs)
 
 
-def plain110(num_classes=10, **kwargs):
-    return _cifar_net(110, None, num_classes, **kwargs)
+def plain110(num_classes=10, stem="cifar", **kwargs):
+    return _cifar_net(110, None, num_classes, stem, **kwargs)
 
 
-# the factories that take ``stem=``; the paper's CIFAR nets always have the CIFAR stem
-STEM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
 MODELS = {f.__name__: f for f in (
     resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2,
     resnet20, resnet32, resnet44, resnet56, resnet110,

@@ -69,6 +69,8 @@ class Interrupt:
 
 def interrupt_in_epoch(train_one_epoch, epoch, step):
     """engine.train_one_epoch, but Ctrl-C is pressed after ``step`` batches of ``epoch`` (0-based)."""
-    def wrapped(model, loader, *args):
-        return train_one_epoch(model, Interrupt(loader, step) if args[4] == epoch else loader, *args)
+    def wrapped(train_net, loader, opt, sched, scaler, cfg, run, this_epoch):
+        if this_epoch == epoch:
+            loader = Interrupt(loader, step)
+        return train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, this_epoch)
     return wrapped

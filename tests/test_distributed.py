@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import checkpoint
 import engine
 import eval as eval_script
 import finetune
@@ -56,7 +57,7 @@ def test_cifar_two_ranks(tmp_path, capsys):
     result = eval_script.main(["--ckpt", str(out / "last.pdckpt"), "--split", "val", "--num-workers", "0"])
     assert result["n"] == 40 and result["top1"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-12)
     # the launch's checkpoint resumes in a single process (no wrapper prefix in its keys)
-    state = engine.load_checkpoint(str(out / "last.pdckpt"))
+    state = checkpoint.load(str(out / "last.pdckpt"))
     assert not any(k.startswith("_layers") for k in state["model"])
     train_cifar10.main(["--resume", str(out), "--epochs", "3"])
     assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 3
@@ -73,13 +74,13 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     paddle.seed(3)
     weights = str(tmp_path / "w.pdparams")
     paddle.save(models.resnet20().state_dict(), weights)
-    common = ["--model", "resnet20", "--image-size", "32", "--epochs", "2", "--num-workers", "0",
+    common = ["--model", "resnet20", "--stem", "cifar", "--image-size", "32", "--epochs", "2", "--num-workers", "0",
               "--data-dir", folder, "--pretrained", weights, "--strategy", "head", "--val-fraction", "0.25",
               "--lr", "0.1"]
     launch("finetune.py", common + ["--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path / "log")
     finetune.main(common + ["--batch-size", "6", "--output-dir", str(tmp_path / "one")])
-    two = engine.load_checkpoint(str(tmp_path / "two" / "last.pdckpt"))["model"]
-    one = engine.load_checkpoint(str(tmp_path / "one" / "last.pdckpt"))["model"]
+    two = checkpoint.load(str(tmp_path / "two" / "last.pdckpt"))["model"]
+    one = checkpoint.load(str(tmp_path / "one" / "last.pdckpt"))["model"]
     assert not np.allclose(np.asarray(one["fc.weight"]), np.asarray(paddle.load(weights)["fc.weight"])[:, :3])
     for k in one:
         np.testing.assert_allclose(np.asarray(two[k]), np.asarray(one[k]), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -6,6 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
+import checkpoint
 import engine
 import export as export_script
 import finetune
@@ -15,7 +16,7 @@ from helpers import interrupt_in_epoch, make_image_folder
 from models.convert import torchvision_to_paddle
 from models.weights import pretrained_state
 
-ARGS = ["--model", "resnet20", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+ARGS = ["--model", "resnet20", "--stem", "cifar", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
         "--num-workers", "0", "--lr", "0.05"]
 
 
@@ -45,7 +46,7 @@ def run_full(folder, pretrained, tmp_path_factory):
 
 
 def trained(out):
-    return {k: np.asarray(v) for k, v in engine.load_checkpoint(str(out / "last.pdckpt"))["model"].items()}
+    return {k: np.asarray(v) for k, v in checkpoint.load(str(out / "last.pdckpt"))["model"].items()}
 
 
 @pytest.mark.parametrize("strategy,frozen_prefixes", [
@@ -73,7 +74,7 @@ def test_strategies_freeze_what_they_say(folder, pretrained, tmp_path, capfd, st
 
 
 def test_full_strategy_trains_everything_and_saves_classes(run_full, pretrained):
-    state = engine.load_checkpoint(str(run_full / "last.pdckpt"))
+    state = checkpoint.load(str(run_full / "last.pdckpt"))
     assert state["class_names"] == ["cats", "dogs", "owls"]
     assert state["preprocess"]["crop"] == 32 and state["preprocess"]["resize"] == 37
     after = {k: np.asarray(v) for k, v in state["model"].items()}
@@ -172,7 +173,7 @@ def test_export_and_inference_model_agree_with_checkpoint(run_full, folder, tmp_
     out = tmp_path / "exported"
     export_script.main(["--ckpt", str(run_full), "--output", str(out)])
     files = predictors.list_images(folder)
-    ckpt = predictors.CheckpointPredictor(engine.resolve_ckpt(str(run_full)), "cpu")
+    ckpt = predictors.CheckpointPredictor(checkpoint.resolve(str(run_full)), "cpu")
     infer = predictors.InferenceModelPredictor(str(out), "cpu")
     assert infer.class_names == ckpt.class_names
     a = list(predict.predict_files(ckpt, files, topk=3, batch_size=7))
@@ -206,3 +207,24 @@ def test_pth_file_converts_through_the_cli(tmp_path):
     x = paddle.rand([1, 3, 64, 64])
     np.testing.assert_allclose(fresh(x).numpy(), ours(x).numpy(), rtol=1e-6, atol=1e-6)
     assert len(pretrained_state(str(tmp_path / "r18.pth"), "resnet18")) == len(ours.state_dict())
+
+
+def test_eval_of_a_finetuning_run_uses_its_own_folder(run_full, folder, capsys):
+    import yaml
+    import eval as eval_script
+    result = eval_script.main(["--ckpt", str(run_full / "last.pdckpt"), "--num-workers", "0", "--json"])
+    assert result["split"] == "val" and result["n"] == 6  # 3 classes x round(0.2 x 8)
+    history = checkpoint.load(str(run_full / "last.pdckpt"))["history"]
+    assert result["top1"] == pytest.approx(history[-1]["val_acc"])
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(["--ckpt", str(run_full), "--split", "test"])
+    assert str(e.value.code).startswith("error: a fine-tuning run has no test split")
+
+
+def test_corrupt_export_meta_is_one_line(run_full, tmp_path):
+    out = tmp_path / "exported"
+    export_script.main(["--ckpt", str(run_full), "--output", str(out)])
+    (out / "meta.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--inference-model", str(out), str(out / "meta.json")])
+    assert str(e.value.code).startswith("error: --inference-model") and "meta.json is unreadable" in str(e.value.code)

@@ -185,3 +185,11 @@ def test_loader_classifier_option():
     assert "fc.weight" not in loaded
     np.testing.assert_array_equal(model.fc.weight.numpy(), fc_before)
     np.testing.assert_array_equal(model.conv1.weight.numpy(), state["conv1.weight"].numpy())
+
+
+def test_every_factory_takes_stem_and_paper_nets_have_only_the_cifar_one():
+    for name in models.MODELS:
+        if name.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain")):
+            assert get_model(name, stem="cifar") is not None
+            with pytest.raises(ValueError, match="only the CIFAR stem"):
+                get_model(name, stem="imagenet")

@@ -4,6 +4,7 @@ import paddle
 import pytest
 
 import bench
+import checkpoint
 import config
 import data
 import engine
@@ -21,7 +22,7 @@ def test_device_loader_shapes_labels_and_augmentation(archive):
     cfg = config.make_config(dict(data_file=archive, val_size=20, seed=3))
     split = data.cifar10_splits(cfg)["train"]
     loader = data.DeviceCifarLoader(split, "crop_flip", cfg.seed)
-    batches = engine.epoch_batches(split, config.make_config(dict(batch_size=32, seed=3)), 0)
+    batches = data.epoch_batches(split, batch_size=32, seed=3, epoch=0)
     epoch = loader.epoch(0, batches)
     assert len(epoch) == 3
     dy, dx, flip = loader.draws(0)
@@ -54,8 +55,8 @@ def test_training_with_device_loader_resumes_exactly(archive, tmp_path, monkeypa
         train_cifar10.main(args + ["--output-dir", str(tmp_path / "b")])
     monkeypatch.setattr(engine, "train_one_epoch", original)
     train_cifar10.main(["--resume", str(tmp_path / "b")])
-    a = engine.load_checkpoint(str(tmp_path / "a" / "last.pdckpt"))["model"]
-    b = engine.load_checkpoint(str(tmp_path / "b" / "last.pdckpt"))["model"]
+    a = checkpoint.load(str(tmp_path / "a" / "last.pdckpt"))["model"]
+    b = checkpoint.load(str(tmp_path / "b" / "last.pdckpt"))["model"]
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
 
@@ -95,7 +96,7 @@ def test_inference_model_matches_dygraph(tmp_path):
     slow = model(paddle.to_tensor(x)).numpy()
     np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=1e-4)
     assert (fast.argmax(1) == slow.argmax(1)).all()
-    with pytest.raises(engine.RunError, match="need a GPU"):
+    with pytest.raises(config.UserError, match="need a GPU"):
         predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="fp16")
 
 
@@ -112,24 +113,22 @@ def test_to_static_training_matches_dygraph(archive, tmp_path):
             "--epochs", "1", "--num-workers", "0"]
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "dy")])
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "st"), "--to-static"])
-    dy = engine.load_checkpoint(str(tmp_path / "dy" / "last.pdckpt"))
-    st = engine.load_checkpoint(str(tmp_path / "st" / "last.pdckpt"))
+    dy = checkpoint.load(str(tmp_path / "dy" / "last.pdckpt"))
+    st = checkpoint.load(str(tmp_path / "st" / "last.pdckpt"))
     assert st["model"].keys() == dy["model"].keys()
     for k in dy["model"]:
         np.testing.assert_allclose(np.asarray(st["model"][k]), np.asarray(dy["model"][k]), rtol=1e-3, atol=1e-4, err_msg=k)
     assert abs(st["history"][0]["train_loss"] - dy["history"][0]["train_loss"]) < 1e-3
 
 
-def test_small_shared_memory_falls_back_to_pipes(monkeypatch, capsys):
+def test_small_shared_memory_falls_back_to_pipes(archive, tmp_path, monkeypatch, capsys):
     import collections
     import shutil
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2 ** 20, 0, 64 * 2 ** 20))
-    monkeypatch.setattr(engine._shm_ok, "noticed", False)
-    assert engine._shm_ok(2) is False
-    assert "use_shared_memory=False" in capsys.readouterr().out
-    assert engine._shm_ok(2) is False
-    assert capsys.readouterr().out == ""  # said once, not every epoch
-    assert engine._shm_ok(0) is True
+    assert data.shm_too_small(2) is True and data.shm_too_small(0) is False
+    train_cifar10.main(["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "40",
+                        "--epochs", "2", "--num-workers", "1", "--output-dir", str(tmp_path)])
+    assert capsys.readouterr().out.count("use_shared_memory=False") == 1  # said once, not every epoch
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(8 * 2 ** 30, 0, 8 * 2 ** 30))
-    assert engine._shm_ok(2) is True
+    assert data.shm_too_small(2) is False

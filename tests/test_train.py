@@ -8,6 +8,7 @@ import paddle
 import pytest
 import yaml
 
+import checkpoint
 import engine
 import eval as eval_script
 import train_cifar10
@@ -23,7 +24,7 @@ def archive(tmp_path_factory):
 
 
 def weights(path):
-    return {k: np.asarray(v) for k, v in engine.load_checkpoint(path)["model"].items()}
+    return {k: np.asarray(v) for k, v in checkpoint.load(path)["model"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,24 @@ def test_two_epoch_run_writes_every_output(straight_run, capsys):
     assert int(rows[-1]["iteration"]) == 8  # 160 training images / 40
     cfg = yaml.safe_load(open(out / "config.yaml"))
     assert cfg["model"] == "resnet20" and cfg["epochs"] == 2
-    state = engine.load_checkpoint(str(out / "last.pdckpt"))
+    state = checkpoint.load(str(out / "last.pdckpt"))
     assert state["epoch"] == 2 and state["config"]["model"] == "resnet20"
     assert {"model", "optimizer", "scheduler", "rng", "best", "history"} <= set(state)
-    best = engine.load_checkpoint(str(out / "best.pdckpt"))
+    best = checkpoint.load(str(out / "best.pdckpt"))
     assert best["best"]["val_acc"] == max(float(r["val_acc"]) for r in rows)
     results = yaml.safe_load(open(out / "results.yaml"))
     assert set(results) >= {"final_test_acc", "best_test_acc", "best_epoch"}
+
+
+def test_best_is_the_last_file_of_its_epoch_not_a_second_save(straight_run):
+    best, last = straight_run / "best.pdckpt", straight_run / "last.pdckpt"
+    state = checkpoint.load(str(best))
+    assert state["epoch"] == 2  # on this data the last epoch improved: best is the same file (a hard link)
+    assert os.stat(best).st_ino == os.stat(last).st_ino
+    assert not list(straight_run.glob("*.tmp"))
+    results = yaml.safe_load(open(straight_run / "results.yaml"))
+    assert results["paddle_version"] == paddle.__version__ and results["seed"] == 0
+    assert "cores" in results["device"] and results["command"]
 
 
 def test_progress_lines_have_no_carriage_returns(archive, tmp_path, capfd):
@@ -67,7 +79,7 @@ def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         train_cifar10.main(FAST + ["--data-file", archive, "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 130
-    state = engine.load_checkpoint(str(tmp_path / "last.pdckpt"))
+    state = checkpoint.load(str(tmp_path / "last.pdckpt"))
     assert state["epoch"] == 1
     assert (state["progress"] or {"step": 0})["step"] == stop_step
     monkeypatch.setattr(engine, "train_one_epoch", original)
@@ -153,7 +165,7 @@ def test_bad_checkpoints(straight_run, tmp_path, capsys):
     truncated = tmp_path / "cut.pdckpt"
     truncated.write_bytes((straight_run / "last.pdckpt").read_bytes()[:5000])
     assert "truncated" in run_error(eval_script.main, ["--ckpt", str(truncated)], capsys)
-    state = engine.load_checkpoint(str(straight_run / "last.pdckpt"))
+    state = checkpoint.load(str(straight_run / "last.pdckpt"))
     state["config"]["model"] = "resnet32"  # the weights are a resnet20's
     wrong = tmp_path / "wrong.pdckpt"
     paddle.save(state, str(wrong))

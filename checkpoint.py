@@ -1,0 +1,208 @@
+"""Everything a run saves and how it comes back.
+
+A checkpoint (``.pdckpt``) is one ``paddle.save``'d dict: ``model`` (the fp32 state dict),
+``optimizer`` (keyed by structured names), ``scheduler``, ``scaler``, ``epoch`` (epochs
+finished), ``progress`` (the position inside an interrupted epoch, or None), ``history``
+(one metrics row per epoch), ``best``, ``rng``, ``config``, ``class_names``,
+``paddle_version`` and what the script adds (``preprocess``: how a new image is prepared).
+A run directory holds ``last.pdckpt`` and, when validation chose one, ``best.pdckpt``.
+"""
+import dataclasses
+import os
+import random
+import shutil
+
+import numpy as np
+import paddle
+
+import config
+import models
+from config import UserError
+
+LAST, BEST = "last.pdckpt", "best.pdckpt"
+
+
+# --------------------------------------------------------------------- files
+def save(path, state):
+    """Write atomically: a temporary file, then a rename, so a crash never leaves half a
+    file. A failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
+    tmp = path + ".tmp"
+    try:
+        paddle.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact: "
+                        "free some disk space and continue with --resume")
+
+
+def save_run(out, state, improved):
+    """Save ``LAST``; when the epoch ``improved`` on validation, make ``BEST`` the same file
+    (a hard link, or a copy where links are not possible), also atomically (timm's saver)."""
+    last, best = os.path.join(out, LAST), os.path.join(out, BEST)
+    save(last, state)
+    if improved:
+        tmp = best + ".tmp"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(last, tmp)
+        except OSError:
+            shutil.copyfile(last, tmp)
+        os.replace(tmp, best)
+
+
+def resolve(path):
+    """A run directory stands for its best checkpoint (its last when it has no best)."""
+    if os.path.isdir(path):
+        best = os.path.join(path, BEST)
+        return best if os.path.exists(best) else os.path.join(path, LAST)
+    return path
+
+
+def load(path):
+    """The checkpoint dict (a directory: its last), or UserError with one line for a
+    missing, truncated or foreign file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, LAST)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        state = paddle.load(path)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}); "
+                        "it is truncated or not a checkpoint of ours")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"checkpoint {path} is not a checkpoint of ours (no model and config in it)")
+    return state
+
+
+# -------------------------------------------------------------------- models
+def build_model(cfg, num_classes):
+    """The network a config names (every factory takes ``stem``)."""
+    try:
+        return models.get_model(cfg.model, num_classes=num_classes, stem=cfg.stem,
+                                zero_init_residual=cfg.zero_init_residual)
+    except ValueError as e:
+        raise UserError(str(e).replace("use stem 'cifar'", "pass --stem cifar"))
+
+
+def model_from_checkpoint(state):
+    """(config, model): a fresh fp32 model of the checkpoint's config, its weights loaded strictly."""
+    cfg = config.from_checkpoint(state)
+    model = build_model(cfg, len(state["class_names"]))
+    try:
+        models.load_weights(model, state["model"])
+    except models.weights.WeightsMismatchError as e:
+        raise UserError(f"checkpoint does not match model {cfg.model}: {e}")
+    return cfg, model
+
+
+# ----------------------------------------------------------------- optimizer
+def _rename_keys(state, mapping):
+    """Rename optimizer-state keys ``<param name>_<accumulator>_<n>`` by a map of param names."""
+    out = {}
+    for key, value in state.items():
+        if key == "master_weights" and isinstance(value, dict):  # AMP O2
+            out[key] = {mapping.get(k, k): v for k, v in value.items()}
+            continue
+        new = key
+        for i in range(len(key) - 1, 0, -1):  # the longest prefix that is a parameter name
+            if key[i] == "_" and key[:i] in mapping:
+                new = mapping[key[:i]] + key[i:]
+                break
+        out[new] = value
+    return out
+
+
+def optimizer_state(opt, model):
+    """opt.state_dict() keyed by structured names (``layer1.0.conv1.weight_velocity_0``):
+    Paddle keys it by generated names (``conv2d_57.w_0``) that differ between two
+    models built in one process, so a plain state dict only reloads in a fresh one."""
+    return _rename_keys(opt.state_dict(), {p.name: k for k, p in model.named_parameters()})
+
+
+def set_optimizer_state(opt, model, state):
+    opt.set_state_dict(_rename_keys(state, {k: p.name for k, p in model.named_parameters()}))
+
+
+# ----------------------------------------------------------------------- RNG
+def _cpu_generator():
+    # what paddle.get_rng_state("cpu") reads; that call fails on Paddle 2.6 under
+    # paddle.distributed.launch ('str' object has no attribute '_convert_to_place')
+    return paddle.framework.core.default_cpu_generator()
+
+
+def rng_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # keys as a list: paddle.save cannot store a uint32 array (nor bytes)
+    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, cached],
+                paddle=[_cpu_generator().get_state()])
+
+
+def set_rng_state(state):
+    """Restore Python's, numpy's and Paddle's CPU generator. Only the CPU state is kept:
+    a GPU's is one entry per visible device, and nothing in training draws from it."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    random.setstate(tuple(state["python"]))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if len(state["paddle"]) == 1:  # a checkpoint written on a GPU before 2026-11 holds GPU states
+        _cpu_generator().set_state(state["paddle"][0])
+
+
+# ----------------------------------------------------------------- run state
+@dataclasses.dataclass
+class RunState:
+    """Where a training run is. ``step``..``correct`` describe the epoch in progress: they
+    are non-zero in a checkpoint only when the run was interrupted inside an epoch."""
+    epoch: int = 0                     # epochs finished
+    iteration: int = 0                 # optimizer steps taken
+    history: list = dataclasses.field(default_factory=list)  # one metrics row per finished epoch
+    best: dict = dataclasses.field(default_factory=lambda: dict(val_acc=-1.0, epoch=0))
+    step: int = 0                      # batches done in the current epoch
+    seen: int = 0                      # images done in the current epoch
+    loss_sum: object = 0.0             # sum of loss x batch size (a device tensor while training)
+    correct: object = 0
+
+    def start_epoch(self):
+        self.step, self.seen, self.loss_sum, self.correct = 0, 0, 0.0, 0
+
+    def progress(self):
+        """The in-epoch position as a checkpoint stores it: None at an epoch boundary."""
+        if self.step == 0:
+            return None
+        return dict(step=self.step, seen=self.seen, loss_sum=as_number(self.loss_sum),
+                    correct=as_number(self.correct), iteration=self.iteration)
+
+
+def as_number(x):
+    """A Python number from a number or a one-element tensor (a device sync for a GPU tensor)."""
+    return x.item() if isinstance(x, paddle.Tensor) else x
+
+
+def run_state(run, model, opt, sched, scaler, cfg, class_names, extra=None):
+    """The checkpoint dict of a training run; ``model`` is the plain network (no wrapper)."""
+    return dict(model=model.state_dict(), optimizer=optimizer_state(opt, model), scheduler=sched.state_dict(),
+                scaler=scaler.state_dict() or None, epoch=run.epoch, progress=run.progress(),
+                history=run.history, best=run.best, rng=rng_state(), config=config.to_dict(cfg),
+                class_names=list(class_names), paddle_version=paddle.__version__, **(extra or {}))
+
+
+def restore_run(state, model, opt, sched, scaler):
+    """Load a checkpoint into the run's model, optimizer, scheduler, scaler and RNGs;
+    returns its RunState."""
+    models.load_weights(model, state["model"])
+    set_optimizer_state(opt, model, state["optimizer"])
+    sched.set_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    history = state["history"]
+    run = RunState(epoch=state["epoch"], history=history, best=state["best"],
+                   iteration=history[-1]["iteration"] if history else 0)
+    progress = state.get("progress")
+    if progress:
+        run.step, run.seen, run.loss_sum, run.correct = (progress[k] for k in ("step", "seen", "loss_sum", "correct"))
+        run.iteration = progress["iteration"]
+    return run
