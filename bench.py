@@ -8,7 +8,7 @@
 
 Random input, median of --steps timed steps after --warmup untimed ones (min and max
 too), ms/step and peak memory (CPU: the process's peak RSS; GPU: Paddle's peak
-allocation). --compare runs each implementation in its own process, so thread pools
+allocation; the torch row always reports host RSS, so on a GPU its memory is not comparable). --compare runs each implementation in its own process, so thread pools
 and allocators do not interfere, and prints them side by side:
   ours           models/ in Paddle dygraph
   paddle.vision  paddle.vision.models.resnet (its ResNet given our CIFAR stem where asked)
@@ -167,12 +167,15 @@ def bench_paddle(args):
     if args.mode == "train":
         model.train()
         opt = paddle.optimizer.Momentum(0.01, momentum=0.9, parameters=model.parameters(), weight_decay=5e-4)
+        scaler = paddle.amp.GradScaler(enable=args.amp and args.amp_dtype == "float16")  # as the real loop
 
         def step():
             with paddle.amp.auto_cast(enable=args.amp, dtype=args.amp_dtype):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+                logits = model(x)
+            loss = F.cross_entropy(logits.astype("float32"), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.clear_grad()
     else:
         model.eval()

@@ -1,7 +1,24 @@
-"""Which device a run uses: the GPU when this Paddle has a usable one, else the CPU."""
+"""Which device a run uses, and whether the GPU and the options asked for can work on it.
+
+Everything GPU-specific is decided here, before training starts, from plain facts
+(``gpu_facts()``: Paddle's version and build, each GPU's compute capability), so a
+combination that cannot work is refused at once, and the decisions are tested on a CPU
+with the facts injected. Sources are Paddle's own (2.6 and 3.x), cited where used.
+"""
+import os
+import shutil
+
 import paddle
 
 from config import UserError
+
+# Paddle's auto_cast and decorate turn themselves off, with only a warning, below these
+# compute capabilities, and the run trains in fp32 (python/paddle/amp/auto_cast.py).
+MIN_CAPABILITY = {"float16": (7, 0), "bfloat16": (8, 0)}
+# PyPI's newest GPU wheel (2.6.2, CUDA 11.8) has code for these and no PTX (../shared/GPU-AUDIT.md)
+PYPI_26_ARCHS = (61, 70, 75, 80, 86)
+NEW_PADDLE = ("install a Paddle 3.x GPU build for CUDA 12 from Paddle's own package index "
+              "(README, GPU set-up), then run python check_env.py")
 
 
 def has_gpu():
@@ -10,14 +27,111 @@ def has_gpu():
 
 
 def select_device(name):
-    """'auto' (GPU when this Paddle has one), 'cpu' or 'gpu' -> the device now set."""
+    """'auto' (GPU when this Paddle has one), 'cpu' or 'gpu' -> the device now set.
+    A GPU that this Paddle cannot run (no kernels for it) is an error here, with the fix,
+    instead of a CUDA error inside the first epoch."""
     gpu = has_gpu()
     if name == "gpu" and not gpu:
         raise UserError("--device gpu: this Paddle has no usable GPU (CPU build or no CUDA device); "
-                        "use --device cpu, or install a GPU build of Paddle (see README, GPU)")
+                        "use --device cpu, or install a GPU build of Paddle (README, GPU set-up)")
     device = "gpu" if name == "gpu" or (name == "auto" and gpu) else "cpu"
     paddle.set_device(device)
+    if device == "gpu":
+        problem = gpu_problem(gpu_facts(probe=True))
+        if problem:
+            raise UserError(problem)
     return device
+
+
+# ------------------------------------------------------------------------- facts
+def gpu_facts(probe=False):
+    """What this Paddle and this machine offer, as plain data. ``probe``: run one tiny
+    convolution on GPU 0 and record the error, for Paddle builds that cannot list the
+    architectures they carry (2.6 has no paddle.version.cuda_archs)."""
+    facts = dict(paddle=paddle.__version__, cuda_build=paddle.is_compiled_with_cuda(),
+                 cuda=paddle.version.cuda(), cudnn=paddle.version.cudnn(), cuda_archs=None, gpus=[],
+                 probed=False, conv_error=None, shm_mb=None, cpu_threads=os.environ.get("OMP_NUM_THREADS"))
+    if hasattr(paddle.version, "cuda_archs"):  # 3.x
+        facts["cuda_archs"] = list(paddle.version.cuda_archs() or []) or None
+    if os.path.isdir("/dev/shm"):
+        facts["shm_mb"] = shutil.disk_usage("/dev/shm").total // 2 ** 20
+    if facts["cuda_build"]:
+        for i in range(paddle.device.cuda.device_count()):
+            p = paddle.device.cuda.get_device_properties(i)
+            facts["gpus"].append(dict(name=p.name, capability=(p.major, p.minor), memory_mb=p.total_memory // 2 ** 20))
+    if probe and facts["gpus"]:
+        facts["conv_error"], facts["probed"] = probe_conv(), True
+    return facts
+
+
+def probe_conv():
+    """None when a 3x3 convolution runs on the current GPU, else the error's first line."""
+    try:
+        x = paddle.ones([1, 3, 8, 8])
+        paddle.nn.functional.conv2d(x, paddle.ones([4, 3, 3, 3])).sum().item()
+        return None
+    except Exception as e:  # "no kernel image is available for execution on the device"
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+
+
+def capability(facts):
+    """GPU 0's compute capability (major, minor), or None without a GPU."""
+    return tuple(facts["gpus"][0]["capability"]) if facts["gpus"] else None
+
+
+def amp_dtypes(cap):
+    """The AMP dtypes that really run at compute capability ``cap``."""
+    return [d for d, need in MIN_CAPABILITY.items() if cap is not None and tuple(cap) >= need]
+
+
+def gpu_problem(facts):
+    """One line saying why the GPU cannot be used, and the fix; None when it can (or
+    when this is a CPU build, which is not a problem: training runs on the CPU)."""
+    if not facts["cuda_build"]:
+        return None
+    if not facts["gpus"]:
+        return ("this is a GPU build of Paddle but it sees no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES), "
+                "or install the CPU build: pip install paddlepaddle")
+    archs = facts["cuda_archs"] or (list(PYPI_26_ARCHS) if facts["paddle"].startswith("2.6") else None)
+    for i, gpu in enumerate(facts["gpus"]):
+        sm = gpu["capability"][0] * 10 + gpu["capability"][1]
+        # GPU code for sm_XY runs on sm_XZ, Z >= Y; a probe (a real convolution) overrules the list
+        covered = archs is None or any(a // 10 == sm // 10 and a <= sm for a in archs)
+        failed = facts["conv_error"] if facts.get("probed") else (not covered and f"built for sm_{'/'.join(map(str, archs))}")
+        if failed and (i == 0 or not covered):
+            return f"GPU {i} ({gpu['name']}, sm_{sm}) cannot run this Paddle {facts['paddle']} ({failed}); {NEW_PADDLE}"
+    return None
+
+
+# -------------------------------------------------------------- training options
+def training_plan(cfg, paddle_version, device, cap=None, world=1):
+    """The settings a training run will really use on ``device`` (compute capability
+    ``cap`` for a GPU), or UserError for a combination that cannot work. Pure: the facts
+    come in as arguments, so every GPU combination is tested on a CPU."""
+    major = int(paddle_version.split(".")[0])  # a develop build says 0.0.0: treat it as new
+    if cfg.amp:
+        if device != "gpu":
+            raise UserError("--amp needs a GPU: Paddle's CPU kernels have no fp16/bf16 training path; drop --amp")
+        need = MIN_CAPABILITY[cfg.amp_dtype]
+        if cap is not None and tuple(cap) < need:
+            other = amp_dtypes(cap)
+            raise UserError(f"--amp-dtype {cfg.amp_dtype} needs compute capability {need[0]}.{need[1]}, this GPU has "
+                            f"{cap[0]}.{cap[1]}: Paddle would silently train in fp32; "
+                            + (f"use --amp-dtype {other[0]}" if other else "drop --amp"))
+        if cfg.amp_dtype == "bfloat16" and cfg.to_static and major == 2:
+            # 2.6's dy2static casts its AMP programs to fp16 whatever the dtype (GPU audit #6)
+            raise UserError("--to-static with --amp-dtype bfloat16 trains in fp16 without loss scaling on Paddle 2.6; "
+                            "use --amp-dtype float16, or drop --to-static, or use Paddle 3.x")
+        if cfg.amp_dtype == "bfloat16" and cfg.amp_level == "O2" and cfg.optimizer == "sgd":
+            # Paddle's GPU momentum kernel is registered for float, double and float16 only (GPU audit #7)
+            raise UserError("--amp-level O2 with --amp-dtype bfloat16 has no momentum (SGD) kernel in Paddle; "
+                            "use --amp-level O1, or --optimizer adam")
+    if cfg.sync_bn and world > 1 and device != "gpu":
+        raise UserError("--sync-bn needs GPUs: Paddle has no CPU kernel for SyncBatchNorm; drop --sync-bn")
+    return dict(amp=cfg.amp, amp_dtype=cfg.amp_dtype, amp_level=cfg.amp_level,
+                loss_scaling=cfg.amp and cfg.amp_dtype == "float16",  # bf16 has fp32's range: no scaler
+                fp32_eval_copy=cfg.amp and cfg.amp_level == "O2",
+                cudnn_deterministic=device == "gpu" and cfg.deterministic)
 
 
 def describe(device):
@@ -30,6 +144,5 @@ def describe(device):
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    import os
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model or 'CPU'} ({cores} cores)"

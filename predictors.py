@@ -9,34 +9,15 @@ import os
 
 import numpy as np
 import paddle
-from PIL import Image
 
 import checkpoint
 import data
 import device as devices
 from config import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# the image files predict.py reads: the same rules as training's image folders
+IMAGE_EXTENSIONS, load_image, list_images = data.IMAGE_EXTENSIONS, data.load_image, data.list_images
 META = "meta.json"
-
-
-def load_image(path):
-    """An RGB PIL image; grayscale, palette, RGBA and CMYK files are converted.
-    Raises OSError/ValueError for a file PIL cannot decode."""
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated file fails here, not later
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # PIL's advice for palette images with transparency
-        return img.convert("RGB")
-
-
-def list_images(folder):
-    """Image files under ``folder`` (recursively), sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
 
 
 class CheckpointPredictor:
@@ -71,6 +52,20 @@ def export(predictor, output_dir):
     return prefix
 
 
+TENSORRT_MAX_BATCH = 256  # TensorRT's static-shape engine refuses larger batches
+
+
+def check_gpu_inference(model_file, use_gpu, precision, tensorrt, paddle_version=paddle.__version__):
+    """UserError for a GPU inference option that cannot work (GPU audit #8)."""
+    if not use_gpu and (precision != "fp32" or tensorrt):
+        raise UserError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
+    if tensorrt and model_file.endswith(".json"):
+        # Paddle 3.x runs a model.json (PIR) without its TensorRT subgraph pass: the option
+        # would silently do nothing (paddle/fluid/inference/api/analysis_predictor.cc)
+        raise UserError(f"--tensorrt does not apply to a Paddle {paddle_version} export (model.json): Paddle runs "
+                        "it without TensorRT; drop --tensorrt (--precision fp16 alone works)")
+
+
 class InferenceModelPredictor:
     """An exported model run by paddle.inference: on the CPU with oneDNN and the graph
     passes that fuse conv + BN (+ ReLU); on the GPU when Paddle has one, optionally in
@@ -93,20 +88,23 @@ class InferenceModelPredictor:
                            if os.path.isfile(os.path.join(model_dir, "model" + ext))), None)
         if model_file is None:
             raise UserError(f"--inference-model {model_dir}: no model.json or model.pdmodel in it")
-        config = inference.Config(model_file, os.path.join(model_dir, "model.pdiparams"))
+        params = os.path.join(model_dir, "model.pdiparams")
+        if not os.path.isfile(params):  # without it paddle.inference runs on uninitialised weights
+            raise UserError(f"--inference-model {model_dir}: no model.pdiparams in it (the weights); "
+                            f"export the model again with export.py --output {model_dir}")
+        use_gpu = device == "gpu" or (device == "auto" and devices.has_gpu())
+        check_gpu_inference(model_file, use_gpu, precision, tensorrt)
+        config = inference.Config(model_file, params)
         config.disable_glog_info()
         config.switch_ir_optim(True)
-        use_gpu = device == "gpu" or (device == "auto" and devices.has_gpu())
+        self.max_batch = TENSORRT_MAX_BATCH if tensorrt else None
         if use_gpu:
             half = inference.PrecisionType.Half if precision == "fp16" else inference.PrecisionType.Float32
+            config.enable_use_gpu(256, 0, half)  # precision here too: the TensorRT call alone leaves the rest fp32
             if tensorrt:
-                config.enable_use_gpu(256, 0)
-                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=256, min_subgraph_size=3,
-                                              precision_mode=half, use_static=False, use_calib_mode=False)
-            else:
-                config.enable_use_gpu(256, 0, half)
-        elif precision != "fp32" or tensorrt:
-            raise UserError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
+                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=TENSORRT_MAX_BATCH,
+                                              min_subgraph_size=3, precision_mode=half, use_static=False,
+                                              use_calib_mode=False)
         else:
             config.disable_gpu()
             if hasattr(config, "enable_onednn"):  # 3.x name; 2.6 has only enable_mkldnn
@@ -114,11 +112,18 @@ class InferenceModelPredictor:
             else:
                 config.enable_mkldnn()
             config.set_cpu_math_library_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self.predictor = inference.create_predictor(config)
+        try:
+            self.predictor = inference.create_predictor(config)
+        except Exception as e:  # e.g. TensorRT asked for but libnvinfer not installed
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"paddle.inference could not load {model_dir} ({first})"
+                            + ("; TensorRT 8 must be installed for --tensorrt" if tensorrt else ""))
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
     def __call__(self, batch):
+        if self.max_batch and len(batch) > self.max_batch:
+            raise UserError(f"--tensorrt runs batches of at most {self.max_batch} images; use --batch-size {self.max_batch}")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         self.input.reshape(list(batch.shape))
         self.input.copy_from_cpu(batch)

@@ -1,0 +1,66 @@
+"""What this machine's Paddle can train on, before a long run.
+
+    python check_env.py                 # exit 0: Paddle can train here (on the GPU, or on the CPU)
+    python check_env.py --require-gpu   # exit 1 too when there is no usable GPU
+
+Prints Paddle's version and build (CUDA, cuDNN, the GPU architectures it carries), each
+visible GPU with its compute capability and memory, the AMP dtypes that will really run
+on it, /dev/shm and CPU threads. A GPU this Paddle cannot use (no kernels for it, e.g.
+PyPI's paddlepaddle-gpu 2.6.2 on an H100) ends with one line naming the fix and exit 1.
+train_cifar10.py and finetune.py run the same check when they pick a GPU.
+"""
+import argparse
+import sys
+
+import models  # noqa: F401  (CPU settings before paddle loads)
+import device as devices
+
+
+def report(facts):
+    """The lines check_env prints for ``facts`` (device.gpu_facts())."""
+    lines = [f"Paddle {facts['paddle']}: " + (f"GPU build, CUDA {facts['cuda']}, cuDNN {facts['cudnn']}"
+                                              if facts["cuda_build"] else "CPU build (no CUDA)")]
+    if facts["cuda_archs"]:
+        lines.append("GPU code for: " + ", ".join(f"sm_{a}" for a in facts["cuda_archs"]))
+    for i, gpu in enumerate(facts["gpus"]):
+        major, minor = gpu["capability"]
+        amp = devices.amp_dtypes(gpu["capability"])
+        lines.append(f"GPU {i}: {gpu['name']}, compute capability {major}.{minor}, {gpu['memory_mb']:,} MB; "
+                     f"AMP: {', '.join(amp) if amp else 'none (Paddle would train in fp32)'}")
+    if facts["cuda_build"] and facts.get("probed"):
+        lines.append("test convolution on GPU 0: " + (facts["conv_error"] or "ok"))
+    if facts["shm_mb"] is not None:
+        lines.append(f"/dev/shm: {facts['shm_mb']:,} MB" + (" (small: the DataLoader will use pipes)"
+                                                            if facts["shm_mb"] < 512 else ""))
+    lines.append(f"CPU threads (OMP_NUM_THREADS): {facts['cpu_threads']}")
+    return lines
+
+
+def verdict(facts, require_gpu=False):
+    """(exit status, last line)."""
+    problem = devices.gpu_problem(facts)
+    if problem:
+        return 1, f"error: {problem}"
+    if not facts["gpus"]:
+        if require_gpu:
+            return 1, ("error: no usable GPU: this is a CPU build of Paddle; install a GPU build "
+                       "(README, GPU set-up), then run python check_env.py")
+        return 0, "no GPU: training runs on the CPU"
+    return 0, f"ready: training runs on GPU 0 ({facts['gpus'][0]['name']})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check what this Paddle can train on.")
+    parser.add_argument("--require-gpu", action="store_true", help="exit 1 when there is no usable GPU")
+    args = parser.parse_args(argv)
+    facts = devices.gpu_facts(probe=True)
+    print("\n".join(report(facts)))
+    status, last = verdict(facts, args.require_gpu)
+    if status:
+        sys.exit(last)
+    print(last)
+    return facts
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""The GPU paths, checked on a CPU (../shared/GPU-AUDIT.md): the audit's reproductions of
+what Paddle does on a GPU, and every option decision with the device facts injected.
+
+O2 is reproduced the way ``paddle.amp.decorate(level='O2', save_dtype='float32')`` does it
+once the place is a GPU: ``amp_initialize`` casts the weights, a ``StateDictHook`` on
+every sublayer makes ``state_dict()`` return fp32 copies.
+"""
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+import check_env
+import checkpoint
+import config
+import data
+import device as devices
+import engine
+import finetune
+import models
+import predictors
+from helpers import make_cifar_archive
+
+P3, P26 = "3.3.1", "2.6.2"
+
+
+def as_o2(model, dtype="float16"):
+    """What decorate(level='O2', save_dtype='float32') does to ``model`` on a GPU."""
+    from paddle.amp.auto_cast import StateDictHook, amp_initialize
+    amp_initialize(models=[model], dtype=dtype, excluded_layers=None)
+    for layer in model.sublayers(include_self=True):
+        layer.register_state_dict_hook(StateDictHook("float32"))
+    return model
+
+
+def cfg_of(**values):
+    return config.make_config(values)
+
+
+# ------------------------------------------------------------- audit #1, #3: O2 evaluation
+def test_o2_model_is_evaluated_from_an_fp32_copy():
+    paddle.seed(0)
+    reference = models.resnet20()
+    o2 = as_o2(models.resnet20())
+    # the same weights, cast into the O2 tensors (through the tensors themselves: the
+    # state dict holds the hook's fp32 copies)
+    params = dict(o2.named_parameters())
+    params.update(dict(o2.named_buffers()))
+    for k, v in reference.state_dict().items():
+        params[k].set_value(v.astype(params[k].dtype))
+    x = paddle.rand([4, 3, 32, 32])
+    with pytest.raises(Exception):  # what evaluate(model) did at 787e1f8: fp32 images into fp16 weights
+        o2.eval()
+        o2(x)
+    fresh = engine.model_for_eval(o2, cfg_of(model="resnet20", amp=True, amp_level="O2"), 10)
+    assert fresh is not o2 and fresh.conv1.weight.dtype == paddle.float32
+    reference.eval()
+    fresh.eval()
+    np.testing.assert_allclose(fresh(x).numpy(), reference(x).numpy(), rtol=1e-2, atol=1e-2)  # fp16-rounded weights
+    assert engine.model_for_eval(reference, cfg_of(model="resnet20"), 10) is reference  # fp32 runs: no copy
+
+
+def test_load_weights_cannot_reach_an_o2_model_so_best_is_a_fresh_model(tmp_path):
+    """Audit #3: load_weights writes into the hook's fp32 copies; the best checkpoint is
+    therefore evaluated with a fresh model built from it (checkpoint.model_from_checkpoint)."""
+    paddle.seed(0)
+    o2 = as_o2(models.resnet20())
+    before = o2.conv1.weight.astype("float32").numpy().copy()
+    models.load_weights(o2, {k: np.full(v.shape, 0.5, "float32") for k, v in o2.state_dict().items()})
+    np.testing.assert_array_equal(o2.conv1.weight.astype("float32").numpy(), before)  # Paddle's mechanism
+
+    archive = make_cifar_archive(tmp_path / "c.tar.gz", n_train=50, n_test=20)
+    cfg = config.make_config(dict(model="resnet20", data_file=archive, val_size=10, num_workers=0,
+                                  output_dir=str(tmp_path / "run"), amp=True, amp_level="O2"))
+    os.makedirs(cfg.output_dir)
+    paddle.seed(1)
+    best = models.resnet20()
+    state = dict(model=best.state_dict(), config=config.to_dict(cfg), class_names=list(data.CIFAR10_CLASSES))
+    checkpoint.save(os.path.join(cfg.output_dir, checkpoint.BEST), state)
+    test = data.cifar10_splits(cfg)["test"]
+    run = checkpoint.RunState(history=[dict(epoch=2, iteration=4, train_loss=1.0, train_acc=0.1, val_acc=0.2,
+                                            epoch_time_s=1.0)], best=dict(val_acc=0.3, epoch=1))
+    final_model = engine.model_for_eval(o2, cfg, 10)
+    result = engine.final_report(cfg, final_model, test, 10, run)
+    expected = engine.evaluate(best, data.eval_loader(test, 256, 0), 10)["top1"]
+    final = engine.evaluate(final_model, data.eval_loader(test, 256, 0), 10)["top1"]
+    assert result["best_test_acc"] == expected and result["final_test_acc"] == final
+
+
+# ----------------------------------------------------------------- audit #2, #11: fp32 loss
+def test_loss_is_fp32_and_its_epoch_sum_stays_finite():
+    logits = paddle.to_tensor(np.random.RandomState(0).randn(128, 10).astype("float16"))
+    labels = paddle.to_tensor(np.random.RandomState(1).randint(0, 10, 128).astype("int64"))
+    loss = engine.loss_of(logits, labels)
+    assert loss.dtype == paddle.float32
+    total = 0.0
+    for _ in range(400):  # a 51k-image epoch at loss ~2.3: an fp16 sum passes 65504
+        total = total + loss.detach() * 128
+    assert np.isfinite(total.item()) and total.item() == pytest.approx(400 * 128 * loss.item(), rel=1e-5)
+    scaled = loss * paddle.to_tensor([65536.0])  # GradScaler's first scale: finite in fp32
+    assert np.isfinite(scaled.item())
+
+
+# ----------------------------------------------------------------------- audit #4: SyncBN
+def test_sync_bn_leaves_frozen_batchnorm_frozen():
+    model = models.resnet18(num_classes=5, stem="cifar")
+    finetune.apply_strategy(model, "last")
+    weight = model.layer4[0].bn1.weight
+    engine.convert_sync_bn(model)
+    assert type(model.bn1).__name__ == "BatchNorm2D" and model.bn1._use_global_stats
+    assert type(model.layer3[0].bn1).__name__ == "BatchNorm2D" and model.layer3[0].bn1._use_global_stats
+    assert type(model.layer4[0].bn1).__name__ == "SyncBatchNorm"
+    assert model.layer4[0].bn1.weight is weight  # the optimizer still holds the same tensors
+    assert type(model.layer4[0].downsample[1]).__name__ == "SyncBatchNorm"
+
+
+# ---------------------------------------------------------------------- audit #5: RNG
+def test_rng_state_is_the_cpu_generator_and_restores_with_other_device_counts():
+    state = checkpoint.rng_state()
+    assert len(state["paddle"]) == 1
+    gpu_like = dict(state, paddle=state["paddle"] * 2)  # one GPU state per device, two devices
+    checkpoint.set_rng_state(gpu_like)  # 787e1f8: ValueError "should be equal to the gpu device count"
+    checkpoint.set_rng_state(state)
+    a = paddle.rand([3]).numpy()
+    checkpoint.set_rng_state(state)
+    np.testing.assert_array_equal(paddle.rand([3]).numpy(), a)
+
+
+# --------------------------------------------------- audit #12: O2 optimizer state round trip
+def test_o2_optimizer_state_restores_into_a_second_model_in_one_process():
+    cfg = cfg_of()
+
+    def build():
+        m = as_o2(models.resnet20())
+        opt, _ = engine.build_optimizer(cfg, m.parameters(), 10)
+        opt._multi_precision = True  # what decorate(O2) sets
+        return m, opt
+
+    def make_accumulators(m, opt):  # what the first opt.step() does before the kernel runs
+        if getattr(opt, "helper", None) is None:  # 2.6 sets it in _create_optimization_pass
+            from paddle.base.layer_helper import LayerHelper
+            opt.helper = LayerHelper(type(opt).__name__)
+        params = [p for p in m.parameters() if not p.stop_gradient]
+        opt._create_accumulators(paddle.static.default_main_program().global_block(), params)
+
+    a, opt_a = build()
+    make_accumulators(a, opt_a)
+    state = checkpoint.optimizer_state(opt_a, a)
+    assert "conv1.weight" in state["master_weights"]
+    b, opt_b = build()  # other generated parameter names
+    assert a.conv1.weight.name != b.conv1.weight.name
+    checkpoint.set_optimizer_state(opt_b, b, state)
+    make_accumulators(b, opt_b)  # 787e1f8: AssertionError "Optimizer set error ... should in state dict"
+
+
+# ------------------------------------------------------- the option decisions (pure)
+@pytest.mark.parametrize("values,version,device,cap,message", [
+    (dict(amp=True), P3, "cpu", None, "--amp needs a GPU"),
+    (dict(amp=True), P3, "gpu", (6, 1), "needs compute capability 7.0, this GPU has 6.1"),
+    (dict(amp=True, amp_dtype="bfloat16"), P3, "gpu", (7, 5), "use --amp-dtype float16"),
+    (dict(amp=True, amp_dtype="bfloat16", to_static=True), P26, "gpu", (8, 0), "trains in fp16 without loss scaling"),
+    (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), P3, "gpu", (8, 0), "no momentum (SGD) kernel"),
+    (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), P26, "gpu", (9, 0), "no momentum (SGD) kernel"),
+])
+def test_training_plan_refuses_what_cannot_work(values, version, device, cap, message):
+    with pytest.raises(config.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        devices.training_plan(cfg_of(**values), version, device, cap)
+
+
+@pytest.mark.parametrize("values,version,cap,expected", [
+    (dict(), P3, None, dict(amp=False, loss_scaling=False, fp32_eval_copy=False, cudnn_deterministic=False)),
+    (dict(amp=True), P26, (7, 0), dict(amp=True, loss_scaling=True, fp32_eval_copy=False)),
+    (dict(amp=True, amp_level="O2"), P3, (8, 6), dict(loss_scaling=True, fp32_eval_copy=True)),
+    (dict(amp=True, amp_dtype="bfloat16"), P3, (8, 0), dict(loss_scaling=False)),
+    (dict(amp=True, amp_dtype="bfloat16", to_static=True), P3, (9, 0), dict(amp=True)),
+    (dict(amp=True, amp_dtype="bfloat16", amp_level="O2", optimizer="adam"), P26, (8, 0), dict(fp32_eval_copy=True)),
+    (dict(deterministic=True), P3, (8, 0), dict(cudnn_deterministic=True)),
+])
+def test_training_plan_settings(values, version, cap, expected):
+    plan = devices.training_plan(cfg_of(**values), version, "gpu", cap)
+    assert {k: plan[k] for k in expected} == expected
+    assert devices.training_plan(cfg_of(deterministic=True), P3, "cpu")["cudnn_deterministic"] is False
+
+
+def facts(version=P3, cuda_build=True, gpus=((9, 0),), archs=None, probed=False, conv_error=None):
+    return dict(paddle=version, cuda_build=cuda_build, cuda="12.6" if cuda_build else "False",
+                cudnn="9.5" if cuda_build else "False", cuda_archs=archs, probed=probed, conv_error=conv_error,
+                gpus=[dict(name=f"GPU sm_{a}{b}", capability=(a, b), memory_mb=81559) for a, b in gpus],
+                shm_mb=64, cpu_threads="2")
+
+
+@pytest.mark.parametrize("f,problem", [
+    (facts(cuda_build=False, gpus=()), None),
+    (facts(P26, gpus=((9, 0),)), "sm_90) cannot run this Paddle 2.6.2 (built for sm_61/70/75/80/86)"),
+    (facts(P26, gpus=((8, 6),)), None),
+    (facts(P26, gpus=((8, 9),)), None),  # sm_86 code runs on sm_89
+    (facts(P26, gpus=((12, 0),)), "sm_120) cannot run"),
+    (facts(P3, gpus=((9, 0),), archs=[70, 80, 90]), None),
+    (facts(P3, gpus=((9, 0),), probed=True, conv_error="RuntimeError: no kernel image is available"),
+     "no kernel image"),
+    (facts(P3, gpus=()), "sees no GPU"),
+])
+def test_gpu_problem_with_injected_facts(f, problem):
+    found = devices.gpu_problem(f)
+    assert (found is None) if problem is None else (problem in found and "\n" not in found)
+    if found and "cannot run" in found:
+        assert "Paddle 3.x GPU build for CUDA 12" in found
+
+
+def test_amp_dtypes_by_capability():
+    assert devices.amp_dtypes((6, 1)) == [] and devices.amp_dtypes((7, 5)) == ["float16"]
+    assert devices.amp_dtypes((9, 0)) == ["float16", "bfloat16"]
+
+
+def test_check_env_on_this_machine_and_with_injected_gpus(capsys):
+    got = check_env.main([])
+    out = capsys.readouterr().out
+    assert f"Paddle {paddle.__version__}" in out and "CPU threads" in out
+    if not got["cuda_build"]:
+        assert out.strip().endswith("no GPU: training runs on the CPU")
+        with pytest.raises(SystemExit) as e:
+            check_env.main(["--require-gpu"])
+        assert str(e.value.code).startswith("error: no usable GPU")
+    lines = check_env.report(facts(P26, gpus=((9, 0), (7, 5))))
+    assert "GPU 1: GPU sm_75, compute capability 7.5, 81,559 MB; AMP: float16" in lines
+    status, last = check_env.verdict(facts(P26, gpus=((9, 0),)))
+    assert status == 1 and last.startswith("error: GPU 0")
+    assert check_env.verdict(facts(P3, gpus=((9, 0),), archs=[90]))[0] == 0
+
+
+# --------------------------------------------------------------- inference (audit #8, #14)
+def test_gpu_inference_options():
+    with pytest.raises(config.UserError, match="need a GPU"):
+        predictors.check_gpu_inference("m/model.pdmodel", False, "fp16", False)
+    with pytest.raises(config.UserError, match="does not apply to a Paddle 3.3.1 export"):
+        predictors.check_gpu_inference("m/model.json", True, "fp16", True, "3.3.1")
+    predictors.check_gpu_inference("m/model.pdmodel", True, "fp16", True)
+    predictors.check_gpu_inference("m/model.json", True, "fp16", False)
+
+
+# ------------------------------------------------------------- audit #19: load on the CPU
+def test_checkpoints_load_onto_the_cpu(tmp_path):
+    path = str(tmp_path / "x.pdckpt")
+    checkpoint.save(path, dict(model=models.resnet20().state_dict(), config={}))
+    state = checkpoint.load(path)
+    assert state["model"]["conv1.weight"].place.is_cpu_place()
+    assert paddle.get_device() == "cpu"  # the default place is put back as it was
