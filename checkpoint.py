@@ -7,6 +7,7 @@ finished), ``progress`` (the position inside an interrupted epoch, or None), ``h
 ``paddle_version`` and what the script adds (``preprocess``: how a new image is prepared).
 A run directory holds ``last.pdckpt`` and, when validation chose one, ``best.pdckpt``.
 """
+import contextlib
 import dataclasses
 import os
 import random
@@ -23,18 +24,44 @@ LAST, BEST = "last.pdckpt", "best.pdckpt"
 
 
 # --------------------------------------------------------------------- files
-def save(path, state):
-    """Write atomically: a temporary file, then a rename, so a crash never leaves half a
-    file. A failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
+RUN_FILES = (LAST, BEST, "metrics.csv", "results.yaml", "config.yaml")
+
+
+def prepare_run_dir(out, resuming):
+    """Create the output directory of a new run; refuse one that holds a run (nothing saved
+    is ever overwritten) or that is a file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output-dir {out} is a file; give a directory")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not resuming and found:
+        how = f"continue it with --resume {out}, or " if LAST in found else ""
+        raise UserError(f"{out} already holds a run ({', '.join(found)}); {how}pick a new --output-dir")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {out} cannot be created ({e.strerror or e})")
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yield a temporary path to write; then move it onto ``path`` atomically, so a crash
+    never leaves half a file. A failed write (a full disk) removes the temporary file,
+    leaves ``path`` as it was and is one UserError."""
     tmp = path + ".tmp"
     try:
-        paddle.save(state, tmp)
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact: "
+        raise UserError(f"could not write {path} ({e.strerror or e}); what was saved before is intact: "
                         "free some disk space and continue with --resume")
+
+
+def save(path, state):
+    """paddle.save ``state`` to ``path`` atomically (see ``replacing``)."""
+    with replacing(path) as tmp:
+        paddle.save(state, tmp)
 
 
 def save_run(out, state, improved):
@@ -69,13 +96,25 @@ def load(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path}: no such file")
     try:
-        state = paddle.load(path)
+        with on_cpu():  # not into GPU memory, whatever device the run picks later
+            state = paddle.load(path)
     except Exception as e:
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}); "
                         "it is truncated or not a checkpoint of ours")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"checkpoint {path} is not a checkpoint of ours (no model and config in it)")
     return state
+
+
+@contextlib.contextmanager
+def on_cpu():
+    """Run the block with Paddle's default place set to the CPU, then put it back."""
+    before = paddle.get_device()
+    paddle.set_device("cpu")
+    try:
+        yield
+    finally:
+        paddle.set_device(before)
 
 
 # -------------------------------------------------------------------- models
@@ -124,7 +163,13 @@ def optimizer_state(opt, model):
 
 
 def set_optimizer_state(opt, model, state):
-    opt.set_state_dict(_rename_keys(state, {k: p.name for k, p in model.named_parameters()}))
+    names = {k: p.name for k, p in model.named_parameters()}
+    state = _rename_keys(state, names)
+    for key, master in state.get("master_weights", {}).items():  # AMP O2: fp32 master copies
+        # the optimizer names its accumulators after each master tensor's own name: give it
+        # the one this model's parameter would give it (GPU audit #12)
+        master.name = key + "_fp32_master_0"
+    opt.set_state_dict(state)
 
 
 # ----------------------------------------------------------------------- RNG
@@ -164,6 +209,7 @@ class RunState:
     seen: int = 0                      # images done in the current epoch
     loss_sum: object = 0.0             # sum of loss x batch size (a device tensor while training)
     correct: object = 0
+    replanned: list = dataclasses.field(default_factory=list)  # schedule keys a resume changed
 
     def start_epoch(self):
         self.step, self.seen, self.loss_sum, self.correct = 0, 0, 0.0, 0
@@ -189,20 +235,28 @@ def run_state(run, model, opt, sched, scaler, cfg, class_names, extra=None):
                 class_names=list(class_names), paddle_version=paddle.__version__, **(extra or {}))
 
 
-def restore_run(state, model, opt, sched, scaler):
+def restore_run(state, cfg, model, opt, sched, scaler):
     """Load a checkpoint into the run's model, optimizer, scheduler, scaler and RNGs;
-    returns its RunState."""
+    returns its RunState. When ``cfg`` changes the schedule (a longer --epochs, a new
+    --lr), ``sched`` is the new plan stepped to where the run is, as if it had been
+    started with it; ``run.replanned`` says so."""
     models.load_weights(model, state["model"])
+    replanned = [k for k in config.RESUME_SCHEDULE if state["config"].get(k) != getattr(cfg, k)]
+    history, progress = state["history"], state.get("progress")
+    iteration = progress["iteration"] if progress else history[-1]["iteration"] if history else 0
+    if replanned:
+        for _ in range(iteration):  # the fit loop steps the scheduler once per iteration
+            sched.step()
+        # the optimizer's state carries the old schedule's position: give it the new one
+        state = dict(state, optimizer=dict(state["optimizer"], LR_Scheduler=sched.state_dict()))
+    else:
+        sched.set_state_dict(state["scheduler"])
     set_optimizer_state(opt, model, state["optimizer"])
-    sched.set_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    history = state["history"]
-    run = RunState(epoch=state["epoch"], history=history, best=state["best"],
-                   iteration=history[-1]["iteration"] if history else 0)
-    progress = state.get("progress")
+    run = RunState(epoch=state["epoch"], history=history, best=state["best"], iteration=iteration,
+                   replanned=replanned)
     if progress:
         run.step, run.seen, run.loss_sum, run.correct = (progress[k] for k in ("step", "seen", "loss_sum", "correct"))
-        run.iteration = progress["iteration"]
     return run

@@ -7,6 +7,7 @@ values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import typing
 
@@ -49,6 +50,7 @@ class TrainConfig:
     amp_dtype: str = "float16"       # float16 | bfloat16
     amp_level: str = "O1"            # O1: per-op casts | O2: fp16/bf16 weights with fp32 master copies
     to_static: bool = False          # compile the model with paddle.jit.to_static
+    deterministic: bool = False      # GPU: cuDNN's deterministic algorithms (bit-exact resume; slower). The CPU always is
     output_dir: str = "runs/cifar10"
     log_every: int = 50              # iterations between progress lines
 
@@ -74,6 +76,34 @@ class FinetuneConfig(TrainConfig):
 CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "none"), device=("auto", "cpu", "gpu"),
                amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"))
+
+
+# The range of every number (test, what the error says it must be), checked where a config is made.
+LIMITS = dict(
+    epochs=(lambda v: v >= 1, "at least 1"),
+    max_iters=(lambda v: v >= 0, "0 (no limit) or more"),
+    batch_size=(lambda v: v >= 1, "at least 1"),
+    lr=(lambda v: v > 0, "above 0"),
+    momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    weight_decay=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    gamma=(lambda v: 0 < v <= 1, "in (0, 1]"),
+    warmup_iters=(lambda v: v >= 0, "0 or more"),
+    label_smoothing=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    val_size=(lambda v: v >= 0, "0 or more"),
+    subset=(lambda v: v >= 0, "0 (all) or more"),
+    num_workers=(lambda v: 0 <= v <= 64, "in [0, 64]"),
+    seed=(lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    log_every=(lambda v: v >= 1, "at least 1"),
+    image_size=(lambda v: 32 <= v <= 1024, "in [32, 1024]"),
+    val_fraction=(lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+# What --resume may change. Free: how the run is executed, not what it computes. Schedule:
+# the LR schedule is planned again for the new values, as if the run had been started with
+# them, and the log says so. Anything else (the model, the data, the batch, the optimizer,
+# AMP) would make the checkpoint's state mean something else: refused.
+RESUME_FREE = ("num_workers", "log_every", "device", "data_file", "data_dir", "output_dir", "deterministic",
+               "to_static")
+RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters")
 
 
 class UserError(Exception):
@@ -125,7 +155,19 @@ def make_config(values, base=None, cls=None):
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     checked = {k: _check(k, v, hints[k]) for k, v in values.items()}
-    return dataclasses.replace(base if base is not None else cls(), **checked)
+    cfg = dataclasses.replace(base if base is not None else cls(), **checked)
+    check_limits(cfg)
+    return cfg
+
+
+def check_limits(cfg):
+    """UserError naming the first key out of its range (LIMITS), or milestones that decrease."""
+    for name, (ok, what) in LIMITS.items():
+        if hasattr(cfg, name) and not ok(getattr(cfg, name)):
+            raise UserError(f"config key '{name}' must be {what}, got {getattr(cfg, name)!r}")
+    m = cfg.milestones
+    if any(v < 0 for v in m) or any(b < a for a, b in zip(m, m[1:])):
+        raise UserError(f"config key 'milestones' must be iteration numbers in increasing order, got {m}")
 
 
 def load_yaml(path):
@@ -185,9 +227,25 @@ def run_config(args, cls, model=None):
     if model is not None:
         overrides["model"] = model
     if getattr(args, "resume", None):
+        if not os.path.isdir(args.resume):
+            raise UserError(f"--resume {args.resume}: give the run's directory (the --output-dir it was "
+                            f"trained into){', not a checkpoint file' if os.path.isfile(args.resume) else ''}")
+        if args.config:
+            raise UserError("--resume continues a run with its own saved config; drop --config")
         state = checkpoint.load(args.resume)
+        saved = make_config(state["config"], cls=cls)
         overrides["output_dir"] = args.resume
-        return make_config(overrides, base=make_config(state["config"], cls=cls)), state
+        changed = sorted(k for k, v in overrides.items() if k not in RESUME_FREE + RESUME_SCHEDULE
+                         and v != getattr(saved, k) and _check(k, v, typing.get_type_hints(cls)[k]) != getattr(saved, k))
+        if changed:
+            raise UserError(f"--resume cannot change {', '.join(changed)} (the checkpoint was trained with "
+                            f"{', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)}); start a new run instead")
+        cfg = make_config(overrides, base=saved)
+        if cfg.epochs < state["epoch"]:
+            raise UserError(f"--epochs {cfg.epochs}: the run has already finished {state['epoch']} epochs")
+        return cfg, state
+    if args.config and not os.path.isfile(args.config):
+        raise UserError(f"--config {args.config}: no such file; give a YAML recipe such as configs/resnet18_cifar10.yaml")
     values = load_yaml(args.config) if args.config else {}
     return make_config({**values, **overrides}, cls=cls), None
 

@@ -36,11 +36,16 @@ class SplitDataset(paddle.io.Dataset):
     """``base[indices[i]]`` with ``transform`` applied, seeded per (seed, epoch, index).
 
     base[j] must return (image, label). Call ``set_epoch(e)`` before each epoch.
+    ``shape``: what ``transform`` returns, [3, H, W]. A sample that fails to load never
+    raises inside the DataLoader (Paddle's loader thread would die and the run hang):
+    it comes out as zeros with label -(i + 1), and ``checked`` raises a UserError for
+    it in the main process.
     """
 
-    def __init__(self, base, indices, transform=None, seed=None):
+    def __init__(self, base, indices, transform=None, seed=None, shape=(3, 32, 32)):
         super().__init__()
         self.base, self.indices, self.transform, self.seed = base, list(indices), transform, seed
+        self.shape = tuple(shape)
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -50,6 +55,22 @@ class SplitDataset(paddle.io.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
+        try:
+            return self.sample(i)
+        except Exception:
+            return np.zeros(self.shape, np.float32), np.asarray(-(i + 1), dtype="int64")
+
+    def failure(self, i):
+        """A UserError naming sample ``i`` that failed in the loader, and why (loaded again here)."""
+        name = self.base.describe(self.indices[i]) if hasattr(self.base, "describe") else f"sample {self.indices[i]}"
+        try:
+            self.sample(i)
+            why = "it failed in a DataLoader worker and loads now"
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else ''}"
+        return UserError(f"{name} could not be read ({why}); fix or remove it, then continue with --resume")
+
+    def sample(self, i):
         image, label = self.base[self.indices[i]]
         if self.transform is not None:
             if self.seed is not None:
@@ -60,9 +81,17 @@ class SplitDataset(paddle.io.Dataset):
         return image, np.asarray(label, dtype="int64")
 
 
+def to_chw_array(image):
+    """PIL RGB image -> float32 numpy [3, H, W] in [0, 1], what T.ToTensor gives but as numpy:
+    ToTensor makes a Paddle tensor on the default place, which is the GPU in the main
+    process (num_workers 0), one tiny host-to-device copy per image (GPU audit #16).
+    The DataLoader turns the batch into one tensor."""
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255
+
+
 def cifar10_transforms(augment):
     """(train, eval) transforms on PIL images -> float32 [3, 32, 32], normalised."""
-    normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    normalize = [to_chw_array, T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     train = {
         "crop_flip": [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()],  # the paper, section 4.2
         "flip": [T.RandomHorizontalFlip()],
@@ -91,15 +120,31 @@ def load_cifar10(data_file, mode):
     if data_file:
         check_data_file(data_file)
         try:
-            return Cifar10(data_file=data_file, mode=mode, download=False, backend="pil")
+            dataset = Cifar10(data_file=data_file, mode=mode, download=False, backend="pil")
         except Exception as e:  # a tar of the wrong layout fails deep inside Paddle
             raise UserError(f"--data-file {data_file} could not be read as CIFAR-10 "
                             f"({type(e).__name__}: {e}); it must be the official cifar-10-python.tar.gz layout")
-    try:
-        return Cifar10(mode=mode, download=True, backend="pil")
-    except Exception as e:
-        raise UserError(f"CIFAR-10 is not downloaded and could not be downloaded ({type(e).__name__}); "
-                        "pass a local copy with --data-file PATH/cifar-10-python.tar.gz")
+    else:
+        try:
+            dataset = Cifar10(mode=mode, download=True, backend="pil")
+        except Exception as e:
+            raise UserError(f"CIFAR-10 is not downloaded and could not be downloaded ({type(e).__name__}); "
+                            "pass a local copy with --data-file PATH/cifar-10-python.tar.gz")
+    check_cifar_rows(dataset, mode, data_file or "the downloaded CIFAR-10")
+    return dataset
+
+
+def check_cifar_rows(dataset, mode, source):
+    """Every row 3,072 bytes (32x32 RGB) and every label in 0..9, checked once before
+    training: a bad row would otherwise fail inside the DataLoader, mid-epoch."""
+    batch = "data_batch_1..5" if mode == "train" else "test_batch"
+    if len(dataset.data) == 0:
+        raise UserError(f"{source} has no {mode} images (no {batch} in it); it must be the official "
+                        "cifar-10-python.tar.gz layout")
+    for i, (row, label) in enumerate(dataset.data):
+        if np.size(row) != 3072 or not 0 <= int(label) < 10:
+            raise UserError(f"{source}: {mode} image {i} has {np.size(row)} values and label {label} "
+                            "(expected 3072 values and a label in 0..9); the archive is damaged: get a fresh copy")
 
 
 def split_indices(n, val_size, seed=0):
@@ -138,11 +183,30 @@ def shm_too_small(num_workers):
 
 
 def make_loader(dataset, batch_size, num_workers, batches=None):
-    """A DataLoader over ``batches`` (lists of indices) or, when None, in order."""
+    """A DataLoader over ``batches`` (lists of indices) or, when None, in order; a sample
+    that failed to load is a UserError here (see SplitDataset)."""
     if batches is None:
         batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    return paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                use_shared_memory=not shm_too_small(num_workers))
+    loader = paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                  use_shared_memory=not shm_too_small(num_workers))
+    return Checked(loader, dataset)
+
+
+class Checked:
+    """Iterate ``loader``, raising the dataset's failure() for a sample marked as failed."""
+
+    def __init__(self, loader, dataset):
+        self.loader, self.dataset = loader, dataset
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            failed = np.flatnonzero(labels.numpy() < 0)  # a few bytes; no sync beyond Paddle's own per step
+            if len(failed):
+                raise self.dataset.failure(-int(labels.numpy().reshape(-1)[failed[0]]) - 1)
+            yield images, labels
 
 
 def epoch_batches(dataset, batch_size, seed, epoch, world_size=1, rank=0):
@@ -189,46 +253,117 @@ def imagenet_preprocess(size):
 
 def eval_transform(preprocess):
     """PIL image -> float32 [3, crop, crop] for a checkpoint's ``preprocess`` dict."""
-    return T.Compose([T.Resize(preprocess["resize"]), T.CenterCrop(preprocess["crop"]), T.ToTensor(),
+    return T.Compose([T.Resize(preprocess["resize"]), T.CenterCrop(preprocess["crop"]), to_chw_array,
                       T.Normalize(preprocess["mean"], preprocess["std"])])
 
 
 def imagenet_train_transform(size):
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), to_chw_array,
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_image(path):
+    """An 8-bit RGB PIL image from any file PIL reads: grayscale, palette, RGBA and CMYK
+    are converted, 16-bit grayscale is scaled (PIL's own convert would clip it to white).
+    Raises OSError/ValueError (PIL's errors) for a file that does not decode."""
+    from PIL import Image
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file fails here, not later
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            pixels = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((pixels / (257 if pixels.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # PIL's advice for palette images with transparency
+        return img.convert("RGB")
+
+
+def is_hidden(name):
+    return name.startswith(".")  # .ipynb_checkpoints, macOS ._name.jpg, .DS_Store
+
+
+def list_images(folder):
+    """Image files under ``folder`` (recursively, hidden files and folders skipped), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if not is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+class ImageFolder(paddle.io.Dataset):
+    """A folder with one sub-folder of images per class -> (RGB PIL image, class index).
+
+    Checked when made, so training never meets a bad file mid-epoch: every image must
+    open and decode, every class folder must hold images; hidden folders and files
+    (.ipynb_checkpoints, macOS ._ files) are not classes or images.
+    """
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+        folders = sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_hidden(d.name))
+        self.samples = [(path, c) for c, name in enumerate(folders) for path in list_images(os.path.join(root, name))]
+        empty = [name for c, name in enumerate(folders) if not any(t == c for _, t in self.samples)]
+        if empty:
+            raise UserError(f"--data-dir {root}: class folder(s) {', '.join(empty[:5])} hold no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
+        if len(folders) < 2:
+            raise UserError(f"--data-dir {root} has {len(folders)} class folder(s) with images; it needs at least 2")
+        self.classes = folders
+        bad = []
+        for path, _ in self.samples:
+            try:
+                load_image(path)
+            except Exception as e:  # OSError, ValueError, DecompressionBombError, ...
+                bad.append(f"{os.path.relpath(path, root)} ({type(e).__name__})")
+        if bad:
+            raise UserError(f"--data-dir {root}: {len(bad)} file(s) cannot be read as images: {', '.join(bad[:3])}"
+                            + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + "; remove or replace them")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, target = self.samples[i]
+        return load_image(path), target
+
+    def describe(self, i):
+        return f"image {self.samples[i][0]}"
+
+
 def image_folder_splits(cfg):
-    """({'train', 'val'}, class names) from ``cfg.data_dir`` (one sub-folder per class).
+    """({'train', 'val'}, class names, preprocess) from ``cfg.data_dir`` (one sub-folder per class).
 
     The split is per class and seeded (seed 0, whatever the training seed): the
-    first round(val_fraction * n) of each class's shuffled images go to validation.
+    first round(val_fraction * n) of each class's shuffled images go to validation;
+    every class keeps at least one training image.
     """
-    from paddle.vision.datasets import DatasetFolder
     root = cfg.data_dir
     if not root:
         raise UserError("--data-dir is required: a folder with one sub-folder of images per class")
     if not os.path.isdir(root):
         raise UserError(f"--data-dir {root}: no such directory; it must hold one sub-folder of images per class")
-    try:
-        base = DatasetFolder(root)  # its loader opens with PIL and converts to RGB
-    except Exception as e:  # Paddle raises on a folder with no class folders or no images
-        raise UserError(f"--data-dir {root} has no class sub-folders with images ({str(e).splitlines()[0]})")
-    if len(base.classes) < 2:
-        raise UserError(f"--data-dir {root} has {len(base.classes)} class folder(s); it needs at least 2")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
+    base = ImageFolder(root)
     labels = np.array([target for _, target in base.samples])
     rng = np.random.RandomState(0)
     train_idx, val_idx = [], []
-    for c in range(len(base.classes)):
+    for c, name in enumerate(base.classes):
         idx = rng.permutation(np.flatnonzero(labels == c)).tolist()
         k = int(round(cfg.val_fraction * len(idx)))
+        if k >= len(idx):
+            raise UserError(f"--val-fraction {cfg.val_fraction} leaves class {name} ({len(idx)} images) no training "
+                            "image; use a smaller --val-fraction")
         val_idx += idx[:k]
         train_idx += idx[k:]
     preprocess = imagenet_preprocess(cfg.image_size)
-    splits = dict(train=SplitDataset(base, sorted(train_idx), imagenet_train_transform(cfg.image_size), seed=cfg.seed),
-                  val=SplitDataset(base, sorted(val_idx), eval_transform(preprocess)))
+    shape = (3, cfg.image_size, cfg.image_size)
+    splits = dict(train=SplitDataset(base, sorted(train_idx), imagenet_train_transform(cfg.image_size), seed=cfg.seed,
+                                     shape=shape),
+                  val=SplitDataset(base, sorted(val_idx), eval_transform(preprocess), shape=shape))
     return splits, list(base.classes), preprocess
 
 
@@ -266,25 +401,32 @@ class DeviceCifarLoader:
         return dy, dx, flip
 
     def batch(self, idx, dy, dx, flip):
-        """float32 [B, 3, 32, 32] normalised images and int64 [B] labels for positions ``idx``."""
-        idx_t = paddle.to_tensor(np.asarray(idx, dtype=np.int64))
-        x = paddle.gather(self.images, idx_t).astype("float32")
+        """float32 [B, 3, 32, 32] normalised images and int64 [B] labels for the positions
+        ``idx``; every argument is a device tensor (see ``epoch``), so nothing is copied
+        from the host here."""
+        x = paddle.gather(self.images, idx).astype("float32")
         if self.pad:
             x = paddle.nn.functional.pad(x, [self.pad] * 4)  # zeros, as RandomCrop(padding=4)
             size = x.shape[-1] - 2 * self.pad
-            ar = np.arange(size)
-            rows = paddle.to_tensor((dy[idx][:, None] + ar).astype(np.int64))  # [B, 32]
-            cols = paddle.to_tensor((dx[idx][:, None] + ar).astype(np.int64))
+            ar = paddle.arange(size, dtype="int64")
+            rows = paddle.gather(dy, idx).unsqueeze(1) + ar  # [B, 32]
+            cols = paddle.gather(dx, idx).unsqueeze(1) + ar
             b, c = x.shape[0], x.shape[1]
             x = paddle.take_along_axis(x, rows.reshape([b, 1, size, 1]).expand([b, c, size, x.shape[-1]]), axis=2)
             x = paddle.take_along_axis(x, cols.reshape([b, 1, 1, size]).expand([b, c, size, size]), axis=3)
-        f = paddle.to_tensor(flip[idx].reshape(-1, 1, 1, 1))
+        f = paddle.gather(flip, idx).astype("bool").reshape([-1, 1, 1, 1])
         x = paddle.where(f, x.flip([3]), x)
-        return (x - self.mean) / self.std, paddle.gather(self.labels, idx_t)
+        return (x - self.mean) / self.std, paddle.gather(self.labels, idx)
 
     def epoch(self, epoch, batches):
-        """An iterable over ``batches`` (lists of positions) for ``epoch``, with len()."""
-        draws = self.draws(epoch)
+        """An iterable over ``batches`` (lists of positions) for ``epoch``, with len(). The
+        epoch's positions and draws go to the device once, here: a copy from the host per
+        step would wait for the queued GPU work (a blocking cudaMemcpy; GPU audit #9)."""
+        dy, dx, flip = self.draws(epoch)
+        # uint8 flips: Paddle 2.6 has no gather kernel for bool
+        dy, dx, flip = paddle.to_tensor(dy.astype(np.int64)), paddle.to_tensor(dx.astype(np.int64)), paddle.to_tensor(flip.astype(np.uint8))
+        order = paddle.to_tensor(np.asarray([i for idx in batches for i in idx], dtype=np.int64))
+        ends = np.cumsum([0] + [len(idx) for idx in batches]).tolist()
         loader = self
 
         class Epoch:
@@ -292,6 +434,6 @@ class DeviceCifarLoader:
                 return len(batches)
 
             def __iter__(self):
-                for idx in batches:
-                    yield loader.batch(idx, *draws)
+                for start, end in zip(ends[:-1], ends[1:]):
+                    yield loader.batch(order[start:end], dy, dx, flip)
         return Epoch()

@@ -76,8 +76,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     nets = [n for n in args.nets.split(",") if n]
     with config.user_errors():
-        first = recipe(nets[0], args, 0)
-        datasets = data.cifar10_splits(first)  # loaded once, shared: the same split for every net
+        if not nets:
+            raise config.UserError("--nets is empty; give comma-separated factory names, e.g. plain20,resnet20")
+        recipe(nets[0], args, args.subset or 45000)  # its keys are checked before the data is read
+        split = config.make_config(dict(data_file=args.data_file, subset=args.subset, val_size=args.val_size,
+                                        seed=args.seed, augment="crop_flip"))
+        datasets = data.cifar10_splits(split)  # loaded once, shared: the same split for every net
         for net in nets:
             train(net, args, datasets)
 

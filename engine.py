@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -136,18 +137,20 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch):
     for images, labels in loader:
         with paddle.amp.auto_cast(enable=cfg.amp, level=cfg.amp_level, dtype=cfg.amp_dtype):
             logits = train_net(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        loss = loss_of(logits, labels, cfg.label_smoothing)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.clear_grad()
         sched.step()
         n = labels.shape[0]
-        # summed on the device; as_number() below is the sync point, only when printing
+        # summed on the device in fp32; as_number() below is an explicit sync point (Paddle's
+        # optimizer and GradScaler sync on a GPU every step anyway: `if found_inf`)
         run.loss_sum = run.loss_sum + loss.detach() * n
         run.correct = run.correct + (logits.argmax(-1) == labels.reshape([-1])).astype("int64").sum()
         run.seen, run.step, run.iteration = run.seen + n, run.step + 1, run.iteration + 1
         if run.step % cfg.log_every == 0 or run.step == steps:
+            check_finite(run, epoch, cfg)
             elapsed = time.time() - t0
             rate = (run.seen - seen0) / elapsed if elapsed > 0 else float("nan")
             eta = elapsed / max(run.step - step0, 1) * (steps - run.step)
@@ -155,6 +158,30 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch):
                 f"acc {as_number(run.correct) / run.seen:.4f} {rate:.1f} img/s eta {format_seconds(eta)}")
         if cfg.max_iters and run.iteration >= cfg.max_iters:
             break
+
+
+def check_finite(run, epoch, cfg, model=None):
+    """Stop the run with one line when the loss (or, given ``model``, a weight) is no longer
+    a finite number (a diverged run): nothing of this epoch is saved, so the last
+    checkpoint stays the last good one and never becomes 'best'."""
+    loss = as_number(run.loss_sum)
+    if model is not None and np.isfinite(loss):
+        weights = paddle.add_n([p.astype("float32").abs().sum() for p in model.parameters()]).item()
+        loss = loss if np.isfinite(weights) else weights
+    if not np.isfinite(loss):
+        last = os.path.join(cfg.output_dir, checkpoint.LAST)
+        kept = (f"the last good checkpoint, {last}, is kept (epoch {run.epoch})" if os.path.exists(last)
+                else "nothing was saved")
+        what = "training loss" if not np.isfinite(as_number(run.loss_sum)) else "sum of the weights"
+        raise UserError(f"the {what} became {loss} at epoch {epoch + 1} step {run.step}: the run diverged; "
+                        f"lower --lr (it is {cfg.lr:g}) and start again; {kept}")
+
+
+def loss_of(logits, labels, label_smoothing=0.0):
+    """Cross-entropy in fp32 whatever the logits' dtype: under AMP O2 the logits are fp16,
+    an fp16 loss makes the epoch's running sum overflow (65504) and the first 2**16 loss
+    scale inf in backward (GPU audit #2 and #11)."""
+    return F.cross_entropy(logits.astype("float32"), labels, label_smoothing=label_smoothing)
 
 
 def format_seconds(s):
@@ -199,12 +226,11 @@ FIELDS = ["epoch", "iteration", "lr", "train_loss", "train_acc", "val_loss", "va
 
 
 def write_metrics(path, history):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    with checkpoint.replacing(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
 
 
 # ------------------------------------------------------------------------------ fit
@@ -219,23 +245,31 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     # set up
     device = devices.select_device(cfg.device)
     world, me = init_distributed()
-    check_run_options(cfg, device, world)
+    cap = devices.capability(devices.gpu_facts()) if device == "gpu" else None
+    plan = devices.training_plan(cfg, paddle.__version__, device, cap, world)  # refuses what cannot work
+    if plan["cudnn_deterministic"]:
+        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
+    if data.shm_too_small(cfg.num_workers):
+        log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
     out = cfg.output_dir
-    if resume_state is None and os.path.exists(os.path.join(out, checkpoint.LAST)):
-        raise UserError(f"{out} already holds a run; continue it with --resume {out}, or pick a new --output-dir")
-    os.makedirs(out, exist_ok=True)
+    checkpoint.prepare_run_dir(out, resuming=resume_state is not None)
     seed_everything(cfg.seed)  # the model's initial weights
     model = model if model is not None else checkpoint.build_model(cfg, len(class_names))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
     batches = data.TrainBatches(train_set, cfg, world, me)
     opt, sched = build_optimizer(cfg, parameters, batches.per_epoch, lr_scale=world if cfg.scale_lr else 1)
-    scaler = paddle.amp.GradScaler(enable=cfg.amp and cfg.amp_dtype == "float16")
+    scaler = paddle.amp.GradScaler(enable=plan["loss_scaling"])
     # restore
     run = checkpoint.RunState()
     if resume_state is not None:
-        run = checkpoint.restore_run(resume_state, model, opt, sched, scaler)
+        run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
         log(f"resumed from {out} at epoch {run.epoch + 1}" + (f", step {run.step}" if run.step else ""))
+        if run.replanned:
+            total = total_iterations(cfg, batches.per_epoch)
+            log(f"the LR schedule is planned again for {', '.join(f'{k} {getattr(cfg, k):g}' if isinstance(getattr(cfg, k), float) else f'{k} {getattr(cfg, k)}' for k in run.replanned)} "
+                f"({total} iterations in all), as if the run had started with it: lr {sched.get_lr():.5g} "
+                f"at iteration {run.iteration}")
     # wrap for training: ``model`` stays the plain network, checkpoints are written from it
     train_net, opt = wrap_for_training(model, opt, cfg, world)
     if me == 0:
@@ -249,17 +283,19 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             checkpoint.save_run(out, state, improved)
     # loop over epochs
     run_start, epoch_times = time.time(), []
+    previous = signal.signal(signal.SIGTERM, terminate)  # schedulers, timeout, docker stop: like Ctrl-C
     try:
         for epoch in range(run.epoch, cfg.epochs):
             if cfg.max_iters and run.iteration >= cfg.max_iters:
                 break
             t0 = time.time()
             train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch)
+            check_finite(run, epoch, cfg, model)
             # end of epoch: metrics, validation, checkpoints
             row = epoch_row(run, epoch, opt, world, time.time() - t0)
             run.start_epoch()
             if val_loader is not None:
-                v = evaluate(model, val_loader, len(class_names), world)
+                v = evaluate(model_for_eval(model, cfg, len(class_names)), val_loader, len(class_names), world)
                 row.update(val_loss=v["loss"], val_acc=v["top1"])
             row["epoch_time_s"] = time.time() - t0
             improved = val_loader is not None and row["val_acc"] > run.best["val_acc"]
@@ -273,13 +309,16 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
                 plots.plot_curves(os.path.join(out, "curves.png"), run.history, title=cfg.model)
             epoch_times.append(row["epoch_time_s"])
             log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
-    except KeyboardInterrupt:
-        if run.step > 0 and world == 1:  # under launch the ranks' partial sums are not reduced
+    except KeyboardInterrupt as stop:
+        # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
+        if run.step > 0 and world == 1 and np.isfinite(as_number(run.loss_sum)):
             save()
-        where = os.path.join(out, checkpoint.LAST)
-        log(f"\ninterrupted: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
-            else "\ninterrupted before the first step: nothing to save")
-        sys.exit(130)
+        where, how = os.path.join(out, checkpoint.LAST), "terminated" if isinstance(stop, Terminated) else "interrupted"
+        log(f"\n{how}: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
+            else f"\n{how} before the first step: nothing to save")
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     # report
     log(f"training done in {format_seconds(time.time() - run_start)}")
     if world > 1:
@@ -290,16 +329,16 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
         dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
     evidence = dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}",
                     seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
-    return final_report(cfg, model, test_set, len(class_names), run, world, me, evidence)
+    return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run, world,
+                        me, evidence)
 
 
-def check_run_options(cfg, device, world):
-    if cfg.amp and device != "gpu":
-        raise UserError("--amp needs a GPU: Paddle's CPU kernels have no fp16/bf16 path; drop --amp")
-    if cfg.sync_bn and device != "gpu" and world > 1:
-        raise UserError("--sync-bn needs GPUs: Paddle has no CPU kernel for SyncBatchNorm; drop --sync-bn")
-    if data.shm_too_small(cfg.num_workers):
-        log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the run saves where it is and exits."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
 
 
 def seed_everything(seed):
@@ -314,15 +353,39 @@ def wrap_for_training(model, opt, cfg, world):
     the checkpoints (written from ``model``, without a wrapper prefix) are unchanged."""
     train_net = model
     if world > 1 and cfg.sync_bn:
-        train_net = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(train_net)
+        train_net = convert_sync_bn(train_net)
     if cfg.amp and cfg.amp_level == "O2":  # low-precision weights, fp32 master weights in the optimizer
         train_net, opt = paddle.amp.decorate(models=train_net, optimizers=opt, level="O2", dtype=cfg.amp_dtype,
                                              save_dtype="float32")
-    if cfg.to_static:
-        train_net = paddle.jit.to_static(train_net)
+    if cfg.to_static:  # backend=None: 3.x would pick CINN on a GPU build, a path our tests never run
+        train_net = paddle.jit.to_static(train_net, backend=None)
     if world > 1:
         train_net = paddle.DataParallel(train_net)  # broadcasts rank 0's weights, all-reduces gradients
     return train_net, opt
+
+
+def convert_sync_bn(layer):
+    """SyncBatchNorm for the trainable BatchNorm layers of ``layer``, in place. Frozen ones
+    (``_use_global_stats``, finetune.py's last/head) stay as they are: Paddle's conversion
+    drops that flag and SyncBatchNorm always uses batch statistics (GPU audit #4)."""
+    for name, child in layer.named_children():
+        if isinstance(child, paddle.nn.layer.norm._BatchNormBase):
+            if not child._use_global_stats:
+                setattr(layer, name, paddle.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        else:
+            convert_sync_bn(child)
+    return layer
+
+
+def model_for_eval(model, cfg, num_classes):
+    """``model`` in fp32 for evaluation. Under AMP O2 the model's own weights are fp16/bf16
+    (decorate casts in place) and take no fp32 input: evaluate a fresh fp32 copy made from
+    the state dict, which decorate's save hook returns in fp32 (GPU audit #1, #3)."""
+    if not (cfg.amp and cfg.amp_level == "O2"):
+        return model
+    fresh = checkpoint.build_model(cfg, num_classes)
+    fresh.set_state_dict(model.state_dict())
+    return fresh
 
 
 def eval_loader(cfg, dataset, world=1, me=0):
@@ -387,8 +450,8 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, me=0, evidence
     result.update(evidence or {})
     if me != 0:
         return result
-    path = os.path.join(out, "results.yaml")  # its presence marks a finished run: write atomically
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}, f, sort_keys=False)
-    os.replace(path + ".tmp", path)
+    with checkpoint.replacing(os.path.join(out, "results.yaml")) as tmp:  # marks a finished run
+        with open(tmp, "w") as f:
+            yaml.safe_dump({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}, f,
+                           sort_keys=False)
     return result

@@ -59,13 +59,15 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
     with config.user_errors():
+        if args.batch_size < 1 or args.num_workers < 0:
+            raise config.UserError(f"--batch-size must be at least 1 and --num-workers at least 0, "
+                                   f"got {args.batch_size} and {args.num_workers}")
         path = checkpoint.resolve(args.ckpt)
         state = checkpoint.load(path)
         predictor = predictors.CheckpointPredictor(path, args.device, state=state)
         cfg, model = predictor.cfg, predictor.model
         args.split = args.split or ("val" if isinstance(cfg, config.FinetuneConfig) else "test")
         dataset = eval_split(cfg, args)
-        loader = data.make_loader(dataset, args.batch_size, args.num_workers)
         class_names = state["class_names"]
         if args.inference:
             import tempfile
@@ -74,9 +76,13 @@ def main(argv=None):
                 predictors.export(predictor, tmp)
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
                                                                tensorrt=args.tensorrt)
+            # the predictor takes and returns host arrays: keep the loader's batches on the
+            # CPU, not GPU -> CPU -> GPU for every batch (GPU audit #15)
+            paddle.set_device("cpu")
 
             def model(images):  # the predictor's numpy logits, as a tensor for evaluate()
                 return paddle.to_tensor(predictor(images.numpy()))
+        loader = data.make_loader(dataset, args.batch_size, args.num_workers)
         r = engine.evaluate(model, loader, len(class_names))
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")

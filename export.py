@@ -4,6 +4,7 @@
     python predict.py --inference-model exported/flowers photo.jpg
 """
 import argparse
+import os
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
 import checkpoint
@@ -15,8 +16,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a checkpoint with paddle.jit.save.")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt checkpoint (or a run directory: its best)")
     parser.add_argument("--output", required=True, help="directory to write model.* and meta.json to")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output")
     args = parser.parse_args(argv)
     with config.user_errors():
+        if os.path.isfile(args.output):
+            raise config.UserError(f"--output {args.output} is a file; give a directory")
+        existing = [f for f in os.listdir(args.output) if f.startswith("model.") or f == predictors.META] \
+            if os.path.isdir(args.output) else []
+        if existing and not args.overwrite:
+            raise config.UserError(f"--output {args.output} already holds an export ({', '.join(sorted(existing))}); "
+                                   "pick another directory, or add --overwrite to replace it")
         predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), device="cpu")
         prefix = predictors.export(predictor, args.output)
     print(f"exported {prefix}.* and {args.output}/meta.json")

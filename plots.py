@@ -6,6 +6,8 @@ returns the figure, so a notebook can show it inline.
 """
 import os
 
+from config import UserError
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed), unless a notebook chose one."""
@@ -19,11 +21,17 @@ def pyplot():
 def _save(fig, path, dpi=80):
     """Save ``fig`` to ``path`` (if any) and close it: a closed figure still shows in a
     notebook when returned, and a loop that plots every epoch does not pile figures up."""
-    if path:
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    pyplot().close(fig)
+    try:
+        if path:
+            tmp = path + ".tmp.png"
+            fig.savefig(tmp, dpi=dpi)
+            os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space")
+    finally:
+        pyplot().close(fig)
     return fig
 
 

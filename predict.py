@@ -48,6 +48,11 @@ def predict_files(predictor, files, topk=5, batch_size=32, on_error=None):
             yield path, [(predictor.class_names[i], float(p[i])) for i in order]
 
 
+def positive(flag, value):
+    if value < 1:
+        raise config.UserError(f"{flag} must be at least 1, got {value}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Predict image classes with a trained ResNet.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -66,6 +71,8 @@ def main(argv=None):
         print(f"skipped {path}: cannot read image ({type(error).__name__})", file=sys.stderr)
 
     with config.user_errors():
+        positive("--topk", args.topk)
+        positive("--batch-size", args.batch_size)
         if os.path.isdir(args.path):
             files, on_error = predictors.list_images(args.path), skipped
             if not files:
