@@ -211,8 +211,15 @@ class RunState:
     correct: object = 0
     replanned: list = dataclasses.field(default_factory=list)  # schedule keys a resume changed
 
-    def start_epoch(self):
+    def end_epoch(self, row):
+        """Close the epoch whose metrics are ``row``; True when its val accuracy is a new best."""
+        improved = row["val_acc"] != "" and row["val_acc"] > self.best["val_acc"]
+        if improved:
+            self.best = dict(val_acc=row["val_acc"], epoch=row["epoch"])
+        self.history.append(row)
+        self.epoch = row["epoch"]
         self.step, self.seen, self.loss_sum, self.correct = 0, 0, 0.0, 0
+        return improved
 
     def progress(self):
         """The in-epoch position as a checkpoint stores it: None at an epoch boundary."""

@@ -4,7 +4,6 @@ Every key of ``TrainConfig`` is a command-line option (``batch_size`` -> ``--bat
 values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``,
 ``--amp`` alone means true) and type-checked. A typo in a key lists the valid keys.
 """
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -38,7 +37,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # data
     data_file: str = ""              # an official-layout cifar-10-python.tar.gz; "": Paddle's download
-    augment: str = "crop_flip"       # crop_flip (4-pixel pad + random 32 crop + flip) | flip | none
+    augment: str = "crop_flip"       # crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color (seed 000) | none
+    normalize: str = "cifar10"       # per-channel mean/std of CIFAR-10's training images | imagenet (seed 000)
     val_size: int = 5000             # held out of the 50k training images, for model selection
     subset: int = 0                  # train on the first N training images (0: all)
     num_workers: int = 2
@@ -53,6 +53,7 @@ class TrainConfig:
     deterministic: bool = False      # GPU: cuDNN's deterministic algorithms (bit-exact resume; slower). The CPU always is
     output_dir: str = "runs/cifar10"
     log_every: int = 50              # iterations between progress lines
+    visualdl: bool = False           # also write VisualDL logs to OUTPUT_DIR/visualdl (pip install visualdl)
 
 
 @dataclasses.dataclass
@@ -74,7 +75,7 @@ class FinetuneConfig(TrainConfig):
 
 
 CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
-               augment=("crop_flip", "flip", "none"), device=("auto", "cpu", "gpu"),
+               augment=("crop_flip", "flip", "flip_color", "none"), normalize=("cifar10", "imagenet"), device=("auto", "cpu", "gpu"),
                amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"))
 
 
@@ -102,7 +103,7 @@ LIMITS = dict(
 # them, and the log says so. Anything else (the model, the data, the batch, the optimizer,
 # AMP) would make the checkpoint's state mean something else: refused.
 RESUME_FREE = ("num_workers", "log_every", "device", "data_file", "data_dir", "output_dir", "deterministic",
-               "to_static")
+               "to_static", "visualdl")
 RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters")
 
 

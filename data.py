@@ -89,15 +89,30 @@ def to_chw_array(image):
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255
 
 
-def cifar10_transforms(augment):
-    """(train, eval) transforms on PIL images -> float32 [3, 32, 32], normalised."""
-    normalize = [to_chw_array, T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+NORMALIZE = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def cifar10_transforms(augment, normalize="cifar10"):
+    """(train, eval) transforms on PIL images -> float32 [3, 32, 32], normalised with the
+    ``normalize`` statistics (those of CIFAR-10's training images, or ImageNet's)."""
+    mean, std = NORMALIZE[normalize]
+    to_input = [to_chw_array, T.Normalize(mean, std)]
     train = {
         "crop_flip": [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()],  # the paper, section 4.2
         "flip": [T.RandomHorizontalFlip()],
+        # seed 000's notebook: both flips, then brightness, contrast, saturation and hue jitter
+        # one after the other (its Resize([32, 32]) of a 32x32 image changes nothing: left out)
+        "flip_color": [T.RandomHorizontalFlip(0.5), T.RandomVerticalFlip(0.5), T.ColorJitter(brightness=0.5),
+                       T.ColorJitter(contrast=0.5), T.ColorJitter(saturation=0.5), T.ColorJitter(hue=0.3)],
         "none": [],
     }[augment]
-    return T.Compose(train + normalize), T.Compose(normalize)
+    return T.Compose(train + to_input), T.Compose(to_input)
+
+
+def cifar10_preprocess(normalize="cifar10"):
+    """How a checkpoint's model wants a new image (saved in the checkpoint, for predict and export)."""
+    mean, std = NORMALIZE[normalize]
+    return dict(resize=32, crop=32, mean=list(mean), std=list(std))
 
 
 def check_data_file(path, what="CIFAR-10", flag="--data-file"):
@@ -161,7 +176,7 @@ def split_indices(n, val_size, seed=0):
 
 def cifar10_splits(cfg):
     """{'train', 'val', 'test'} SplitDatasets for a TrainConfig (val empty when val_size=0)."""
-    train_tf, eval_tf = cifar10_transforms(cfg.augment)
+    train_tf, eval_tf = cifar10_transforms(cfg.augment, cfg.normalize)
     train_base = load_cifar10(cfg.data_file, "train")
     test_base = load_cifar10(cfg.data_file, "test")
     train_idx, val_idx = split_indices(len(train_base), cfg.val_size)
@@ -234,7 +249,8 @@ class TrainBatches:
     def __init__(self, dataset, cfg, world_size=1, rank=0):
         self.dataset, self.cfg, self.world_size, self.rank = dataset, cfg, world_size, rank
         self.per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world_size))
-        self.device_loader = DeviceCifarLoader(dataset, cfg.augment, cfg.seed) if cfg.loader == "device" else None
+        self.device_loader = (DeviceCifarLoader(dataset, cfg.augment, cfg.seed, cfg.normalize)
+                              if cfg.loader == "device" else None)
 
     def epoch(self, epoch, start=0):
         self.dataset.set_epoch(epoch)
@@ -378,7 +394,10 @@ class DeviceCifarLoader:
     (zero padding of 4, random 32x32 crop, horizontal flip), ``flip`` or ``none``.
     """
 
-    def __init__(self, split, augment, seed):
+    def __init__(self, split, augment, seed, normalize="cifar10"):
+        if augment not in ("crop_flip", "flip", "none"):
+            raise UserError(f"--loader device does augment crop_flip, flip or none, not {augment}; "
+                            "use --loader dataloader")
         images, labels = [], []
         for i in split.indices:
             image, label = split.base[i]
@@ -387,8 +406,9 @@ class DeviceCifarLoader:
         # [N, 3, 32, 32] uint8 on the device: 150 MB for the 50k training images
         self.images = paddle.to_tensor(np.stack(images).transpose(0, 3, 1, 2))
         self.labels = paddle.to_tensor(np.asarray(labels, dtype=np.int64))
-        self.mean = paddle.to_tensor(np.asarray(CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1) * 255)
-        self.std = paddle.to_tensor(np.asarray(CIFAR10_STD, np.float32).reshape(1, 3, 1, 1) * 255)
+        mean, std = NORMALIZE[normalize]
+        self.mean = paddle.to_tensor(np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * 255)
+        self.std = paddle.to_tensor(np.asarray(std, np.float32).reshape(1, 3, 1, 1) * 255)
         self.augment, self.seed, self.pad = augment, seed, 4 if augment == "crop_flip" else 0
 
     def draws(self, epoch):

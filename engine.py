@@ -5,7 +5,6 @@ optimizer and schedule, one training epoch, evaluation, and ``fit``: set up, res
 wrap for training, loop over epochs, report. What a run saves is in checkpoint.py,
 how batches are made in data.py, the options in config.py.
 """
-import csv
 import dataclasses
 import os
 import random
@@ -23,7 +22,8 @@ import checkpoint
 import config
 import data
 import device as devices
-import plots
+import launch
+import metrics
 from checkpoint import as_number
 from config import UserError
 
@@ -31,71 +31,9 @@ from config import UserError
 warnings.filterwarnings("ignore", message="When training, we now always track")
 
 
-def rank():
-    """This process's rank under paddle.distributed.launch (0 when run alone)."""
-    return int(os.environ.get("PADDLE_TRAINER_ID", "0") or 0)
-
-
 def log(*args):
-    if rank() == 0:  # under launch, only rank 0 prints
+    if launch.rank() == 0:  # under launch, only rank 0 prints
         print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
-
-
-# ---------------------------------------------------------------------------- launch
-LAUNCH_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT")
-
-
-def init_distributed():
-    """(world_size, rank). Under ``python -m paddle.distributed.launch`` (which sets the
-    PADDLE_* variables) this joins the process group; run alone it returns (1, 0).
-    A half-set-up environment would hang in init_parallel_env: it is an error instead."""
-    present = [k for k in LAUNCH_ENV if os.environ.get(k)]
-    if not present:
-        return 1, 0
-    missing = [k for k in LAUNCH_ENV if k not in present]
-    if missing:
-        raise UserError(f"half-set-up distributed environment: {', '.join(present)} set but {', '.join(missing)} "
-                        "not; start with python -m paddle.distributed.launch, or unset the PADDLE_* variables")
-    world, me = int(os.environ["PADDLE_TRAINERS_NUM"]), int(os.environ["PADDLE_TRAINER_ID"])
-    endpoints = os.environ["PADDLE_TRAINER_ENDPOINTS"].split(",")
-    if not 0 <= me < world or len(endpoints) != world:
-        raise UserError(f"inconsistent distributed environment: rank {me}, world size {world}, "
-                        f"{len(endpoints)} endpoints; start with python -m paddle.distributed.launch")
-    if world == 1:
-        return 1, 0
-    import paddle.distributed as dist
-    dist.init_parallel_env()
-    return dist.get_world_size(), dist.get_rank()
-
-
-def all_sum(values, world_size):
-    """Sum a float64 numpy array over all ranks (a no-op when alone)."""
-    values = np.asarray(values, dtype=np.float64)
-    if world_size == 1:
-        return values
-    import paddle.distributed as dist
-    t = paddle.to_tensor(values)
-    dist.all_reduce(t)
-    return t.numpy()
-
-
-def replicas_agree(model, world_size):
-    """Max difference across ranks of a fingerprint (sum and sum of squares) of every
-    parameter, trainable and BN statistics separately: DataParallel keeps the trainable
-    weights identical; each rank's BN running statistics follow its own batches."""
-    import paddle.distributed as dist
-    groups = {"trainable": [], "bn_stats": []}
-    for name, p in model.named_parameters():
-        x = p.astype("float64")
-        groups["bn_stats" if name.endswith(("_mean", "_variance")) else "trainable"] += [x.sum().item(), (x * x).sum().item()]
-    out = {}
-    for key, values in groups.items():
-        t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
-        gathered = []
-        dist.all_gather(gathered, t)
-        stacked = np.stack([g.numpy() for g in gathered])
-        out[key] = float(np.abs(stacked - stacked[0]).max()) if stacked.size else 0.0
-    return out
 
 
 # ------------------------------------------------------------- optimizer, schedule
@@ -127,10 +65,11 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
 
 
 # ------------------------------------------------------------------------ one epoch
-def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch):
+def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, board=None):
     """Train over ``loader``, adding to ``run`` (a checkpoint.RunState) the epoch's running
     sums and position, so that an epoch resumed after Ctrl-C adds up the same.
-    ``scaler``: a GradScaler, a pass-through when disabled (no fp16)."""
+    ``scaler``: a GradScaler, a pass-through when disabled (no fp16). ``board``: a
+    VisualDL LogWriter or None."""
     train_net.train()
     steps = run.step + len(loader)  # this epoch's batches, the ones done before a resume included
     t0, seen0, step0 = time.time(), run.seen, run.step
@@ -154,8 +93,10 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch):
             elapsed = time.time() - t0
             rate = (run.seen - seen0) / elapsed if elapsed > 0 else float("nan")
             eta = elapsed / max(run.step - step0, 1) * (steps - run.step)
-            log(f"epoch {epoch + 1} step {run.step}/{steps} loss {as_number(run.loss_sum) / run.seen:.4f} "
-                f"acc {as_number(run.correct) / run.seen:.4f} {rate:.1f} img/s eta {format_seconds(eta)}")
+            loss, acc = as_number(run.loss_sum) / run.seen, as_number(run.correct) / run.seen
+            log(f"epoch {epoch + 1} step {run.step}/{steps} loss {loss:.4f} acc {acc:.4f} {rate:.1f} img/s "
+                f"eta {format_seconds(eta)}")
+            metrics.write_scalars(board, "step", dict(train_loss=loss, train_acc=acc, lr=opt.get_lr()), run.iteration)
         if cfg.max_iters and run.iteration >= cfg.max_iters:
             break
 
@@ -211,7 +152,7 @@ def evaluate(model, loader, num_classes, world_size=1):
         n += len(y)
     seconds = time.time() - start
     if world_size > 1:
-        summed = all_sum(np.concatenate([confusion.ravel(), [loss_sum, top5, n]]), world_size)
+        summed = launch.all_sum(np.concatenate([confusion.ravel(), [loss_sum, top5, n]]), world_size)
         confusion = summed[:-3].round().astype(np.int64).reshape(confusion.shape)
         loss_sum, top5, n = summed[-3], int(round(summed[-2])), int(round(summed[-1]))
     correct = np.trace(confusion)
@@ -219,18 +160,6 @@ def evaluate(model, loader, num_classes, world_size=1):
     return dict(n=n, loss=loss_sum / max(n, 1), top1=float(correct / max(n, 1)), top5=top5 / max(n, 1),
                 per_class=per_class.tolist(), confusion=confusion, seconds=seconds,
                 images_per_s=n / seconds if seconds > 0 else float("nan"))
-
-
-# ------------------------------------------------------------------------ metrics
-FIELDS = ["epoch", "iteration", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_img_per_s"]
-
-
-def write_metrics(path, history):
-    with checkpoint.replacing(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(history)
 
 
 # ------------------------------------------------------------------------------ fit
@@ -243,16 +172,10 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     Returns the dict written to results.yaml.
     """
     # set up
-    device = devices.select_device(cfg.device)
-    world, me = init_distributed()
-    cap = devices.capability(devices.gpu_facts()) if device == "gpu" else None
-    plan = devices.training_plan(cfg, paddle.__version__, device, cap, world)  # refuses what cannot work
-    if plan["cudnn_deterministic"]:
-        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
-    if data.shm_too_small(cfg.num_workers):
-        log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
+    device, world, me, plan = set_up(cfg)
     out = cfg.output_dir
     checkpoint.prepare_run_dir(out, resuming=resume_state is not None)
+    board = metrics.visualdl_writer(cfg, me)  # before anything is written: a missing VisualDL stops here
     seed_everything(cfg.seed)  # the model's initial weights
     model = model if model is not None else checkpoint.build_model(cfg, len(class_names))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
@@ -264,12 +187,7 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     run = checkpoint.RunState()
     if resume_state is not None:
         run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
-        log(f"resumed from {out} at epoch {run.epoch + 1}" + (f", step {run.step}" if run.step else ""))
-        if run.replanned:
-            total = total_iterations(cfg, batches.per_epoch)
-            log(f"the LR schedule is planned again for {', '.join(f'{k} {getattr(cfg, k):g}' if isinstance(getattr(cfg, k), float) else f'{k} {getattr(cfg, k)}' for k in run.replanned)} "
-                f"({total} iterations in all), as if the run had started with it: lr {sched.get_lr():.5g} "
-                f"at iteration {run.iteration}")
+        log_resumed(cfg, run, sched, batches.per_epoch)
     # wrap for training: ``model`` stays the plain network, checkpoints are written from it
     train_net, opt = wrap_for_training(model, opt, cfg, world)
     if me == 0:
@@ -289,48 +207,79 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             if cfg.max_iters and run.iteration >= cfg.max_iters:
                 break
             t0 = time.time()
-            train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch)
+            train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch, board)
             check_finite(run, epoch, cfg, model)
-            # end of epoch: metrics, validation, checkpoints
+            # end of epoch: validation, checkpoints, metrics
             row = epoch_row(run, epoch, opt, world, time.time() - t0)
-            run.start_epoch()
             if val_loader is not None:
                 v = evaluate(model_for_eval(model, cfg, len(class_names)), val_loader, len(class_names), world)
                 row.update(val_loss=v["loss"], val_acc=v["top1"])
             row["epoch_time_s"] = time.time() - t0
-            improved = val_loader is not None and row["val_acc"] > run.best["val_acc"]
-            if improved:
-                run.best = dict(val_acc=row["val_acc"], epoch=epoch + 1)
-            run.history.append(row)
-            run.epoch = epoch + 1
+            improved = run.end_epoch(row)
             save(improved)
             if me == 0:
-                write_metrics(os.path.join(out, "metrics.csv"), run.history)
-                plots.plot_curves(os.path.join(out, "curves.png"), run.history, title=cfg.model)
+                metrics.record_epoch(cfg, run.history, board)
             epoch_times.append(row["epoch_time_s"])
             log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
     except KeyboardInterrupt as stop:
         # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
         if run.step > 0 and world == 1 and np.isfinite(as_number(run.loss_sum)):
             save()
-        where, how = os.path.join(out, checkpoint.LAST), "terminated" if isinstance(stop, Terminated) else "interrupted"
-        log(f"\n{how}: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
-            else f"\n{how} before the first step: nothing to save")
-        sys.exit(143 if isinstance(stop, Terminated) else 130)
+        exit_stopped(stop, out)
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if board is not None:
+            board.close()
     # report
     log(f"training done in {format_seconds(time.time() - run_start)}")
     if world > 1:
-        agree = replicas_agree(model, world)
-        log(f"replicas: trainable weights differ across {world} ranks by at most {agree['trainable']:g}; "
-            f"BN running statistics by {agree['bn_stats']:g} (each rank's own batches; rank 0's are saved)")
-        import paddle.distributed as dist
-        dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
-    evidence = dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}",
-                    seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+        log_replicas(model, world)
     return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run, world,
-                        me, evidence)
+                        me, evidence(cfg, device, world))
+
+
+def set_up(cfg):
+    """(device, world size, rank, GPU plan): the device chosen and checked, the process
+    group joined, every GPU option decided (device.training_plan refuses what cannot work)."""
+    device = devices.select_device(cfg.device)
+    world, me = launch.init_distributed()
+    cap = devices.capability(devices.gpu_facts()) if device == "gpu" else None
+    plan = devices.training_plan(cfg, paddle.__version__, device, cap, world)
+    if plan["cudnn_deterministic"]:
+        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
+    if data.shm_too_small(cfg.num_workers):
+        log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
+    return device, world, me, plan
+
+
+def log_resumed(cfg, run, sched, iters_per_epoch):
+    log(f"resumed from {cfg.output_dir} at epoch {run.epoch + 1}" + (f", step {run.step}" if run.step else ""))
+    if run.replanned:
+        keys = ", ".join(f"{k} {getattr(cfg, k)}" for k in run.replanned)
+        log(f"the LR schedule is planned again for {keys} ({total_iterations(cfg, iters_per_epoch)} iterations "
+            f"in all), as if the run had started with it: lr {sched.get_lr():.5g} at iteration {run.iteration}")
+
+
+def exit_stopped(stop, out):
+    """After Ctrl-C or SIGTERM: say where the checkpoint is, exit 130 (143 for SIGTERM)."""
+    where, how = os.path.join(out, checkpoint.LAST), "terminated" if isinstance(stop, Terminated) else "interrupted"
+    log(f"\n{how}: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
+        else f"\n{how} before the first step: nothing to save")
+    sys.exit(143 if isinstance(stop, Terminated) else 130)
+
+
+def log_replicas(model, world):
+    agree = launch.replicas_agree(model, world)
+    log(f"replicas: trainable weights differ across {world} ranks by at most {agree['trainable']:g}; "
+        f"BN running statistics by {agree['bn_stats']:g} (each rank's own batches; rank 0's are saved)")
+    import paddle.distributed as dist
+    dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
+
+
+def evidence(cfg, device, world):
+    """What a result rests on (airbench's habit): Paddle version, device, seed, command."""
+    return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}",
+                seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
 
 
 class Terminated(KeyboardInterrupt):
@@ -405,7 +354,7 @@ def log_start(cfg, parameters, device, world, datasets, iters_per_epoch, opt):
 
 def epoch_row(run, epoch, opt, world, train_time):
     """The metrics row of a finished epoch (train figures summed over the ranks)."""
-    loss_sum, correct, seen = all_sum([as_number(run.loss_sum), as_number(run.correct), run.seen], world)
+    loss_sum, correct, seen = launch.all_sum([as_number(run.loss_sum), as_number(run.correct), run.seen], world)
     return dict(epoch=epoch + 1, iteration=run.iteration, lr=opt.get_lr(), train_loss=loss_sum / seen,
                 train_acc=correct / seen, val_loss="", val_acc="",
                 train_img_per_s=seen / train_time if train_time > 0 else "")

@@ -27,7 +27,7 @@ def main(argv=None):
         cfg, resume_state = config.run_config(args, config.TrainConfig, DEPTHS.get(args.depth))
         datasets = data.cifar10_splits(cfg)
         return engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume_state,
-                          extra_state=dict(preprocess=data.CIFAR10_PREPROCESS))
+                          extra_state=dict(preprocess=data.cifar10_preprocess(cfg.normalize)))
 
 
 if __name__ == "__main__":

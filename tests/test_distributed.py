@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import checkpoint
-import engine
 import eval as eval_script
 import finetune
 import train_cifar10

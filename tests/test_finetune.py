@@ -210,7 +210,6 @@ def test_pth_file_converts_through_the_cli(tmp_path):
 
 
 def test_eval_of_a_finetuning_run_uses_its_own_folder(run_full, folder, capsys):
-    import yaml
     import eval as eval_script
     result = eval_script.main(["--ckpt", str(run_full / "last.pdckpt"), "--num-workers", "0", "--json"])
     assert result["split"] == "val" and result["n"] == 6  # 3 classes x round(0.2 x 8)

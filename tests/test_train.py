@@ -12,7 +12,7 @@ import checkpoint
 import engine
 import eval as eval_script
 import train_cifar10
-from helpers import Interrupt, interrupt_in_epoch, make_cifar_archive
+from helpers import interrupt_in_epoch, make_cifar_archive
 
 FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
         "--num-workers", "0", "--log-every", "2"]
@@ -200,3 +200,48 @@ def test_eval_fast_path_gives_the_same_predictions(straight_run):
     assert fast["path"] == "paddle.inference" and slow["path"] == "dygraph"
     assert fast["confusion"] == slow["confusion"]  # identical top-1 for every image
     assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-4)
+
+
+def test_seed_000_recipe_is_the_seeds_code(archive):
+    import config
+    import data
+    import paddle.vision.transforms as T
+    cfg = config.make_config(config.load_yaml(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                           "resnet18_adam.yaml")))
+    assert (cfg.model, cfg.stem, cfg.optimizer, cfg.lr, cfg.schedule, cfg.batch_size, cfg.epochs, cfg.weight_decay) == \
+        ("resnet18", "cifar", "adam", 1e-3, "constant", 150, 20, 0.0)
+    train, test = data.cifar10_transforms(cfg.augment, cfg.normalize)
+    steps = train.transforms
+    assert [type(t).__name__ for t in steps[:6]] == ["RandomHorizontalFlip", "RandomVerticalFlip"] + ["ColorJitter"] * 4
+    assert (steps[0].prob, steps[1].prob) == (0.5, 0.5)
+    jitter = [(t.brightness, t.contrast, t.saturation, t.hue) for t in steps[2:6]]
+    assert jitter == [(0.5, 0, 0, 0), (0, 0.5, 0, 0), (0, 0, 0.5, 0), (0, 0, 0, 0.3)]
+    normalize = steps[-1]
+    assert isinstance(normalize, T.Normalize) and list(normalize.mean) == [0.485, 0.456, 0.406]
+    assert list(normalize.std) == [0.229, 0.224, 0.225]
+    assert data.cifar10_preprocess(cfg.normalize)["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_visualdl_logs_read_back(archive, tmp_path):
+    pytest.importorskip("visualdl", reason="VisualDL is optional (pip install visualdl)")
+    from visualdl import LogReader
+    out = tmp_path / "run"
+    train_cifar10.main(FAST + ["--data-file", archive, "--output-dir", str(out), "--visualdl"])
+    (log,) = os.listdir(out / "visualdl")
+    reader = LogReader(file_path=str(out / "visualdl" / log))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    val = [(r.id, r.value) for r in reader.get_data("scalar", "epoch/val_acc")]
+    assert val == [(int(r["epoch"]), pytest.approx(float(r["val_acc"]), abs=1e-6)) for r in rows]
+    steps = [r.id for r in reader.get_data("scalar", "step/train_loss")]
+    assert steps == [2, 4, 6, 8]  # every --log-every 2 of the 8 iterations
+    assert len(reader.get_data("scalar", "step/lr")) == 4
+
+
+def test_visualdl_missing_is_one_line(archive, tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "visualdl", None)  # as if it were not installed
+    msg = run_error(train_cifar10.main, FAST + ["--data-file", archive, "--output-dir", str(tmp_path), "--visualdl"],
+                    capsys)
+    assert "pip install visualdl" in msg
+    monkeypatch.undo()
+    train_cifar10.main(FAST + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path)])  # retry works

@@ -1,0 +1,71 @@
+"""Several processes under ``python -m paddle.distributed.launch``: joining the group,
+summing over the ranks, and checking that the replicas agree. Run alone, every function
+here is a no-op that returns what one process has.
+"""
+import os
+
+import numpy as np
+import paddle
+
+from config import UserError
+
+
+def rank():
+    """This process's rank under paddle.distributed.launch (0 when run alone)."""
+    return int(os.environ.get("PADDLE_TRAINER_ID", "0") or 0)
+
+
+LAUNCH_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT")
+
+
+def init_distributed():
+    """(world_size, rank). Under ``python -m paddle.distributed.launch`` (which sets the
+    PADDLE_* variables) this joins the process group; run alone it returns (1, 0).
+    A half-set-up environment would hang in init_parallel_env: it is an error instead."""
+    present = [k for k in LAUNCH_ENV if os.environ.get(k)]
+    if not present:
+        return 1, 0
+    missing = [k for k in LAUNCH_ENV if k not in present]
+    if missing:
+        raise UserError(f"half-set-up distributed environment: {', '.join(present)} set but {', '.join(missing)} "
+                        "not; start with python -m paddle.distributed.launch, or unset the PADDLE_* variables")
+    world, me = int(os.environ["PADDLE_TRAINERS_NUM"]), int(os.environ["PADDLE_TRAINER_ID"])
+    endpoints = os.environ["PADDLE_TRAINER_ENDPOINTS"].split(",")
+    if not 0 <= me < world or len(endpoints) != world:
+        raise UserError(f"inconsistent distributed environment: rank {me}, world size {world}, "
+                        f"{len(endpoints)} endpoints; start with python -m paddle.distributed.launch")
+    if world == 1:
+        return 1, 0
+    import paddle.distributed as dist
+    dist.init_parallel_env()
+    return dist.get_world_size(), dist.get_rank()
+
+
+def all_sum(values, world_size):
+    """Sum a float64 numpy array over all ranks (a no-op when alone)."""
+    values = np.asarray(values, dtype=np.float64)
+    if world_size == 1:
+        return values
+    import paddle.distributed as dist
+    t = paddle.to_tensor(values)
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+def replicas_agree(model, world_size):
+    """Max difference across ranks of a fingerprint (sum and sum of squares) of every
+    parameter, trainable and BN statistics separately: DataParallel keeps the trainable
+    weights identical; each rank's BN running statistics follow its own batches."""
+    import paddle.distributed as dist
+    groups = {"trainable": [], "bn_stats": []}
+    for name, p in model.named_parameters():
+        x = p.astype("float64")
+        groups["bn_stats" if name.endswith(("_mean", "_variance")) else "trainable"] += [x.sum().item(), (x * x).sum().item()]
+    out = {}
+    for key, values in groups.items():
+        t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+        gathered = []
+        dist.all_gather(gathered, t)
+        stacked = np.stack([g.numpy() for g in gathered])
+        out[key] = float(np.abs(stacked - stacked[0]).max()) if stacked.size else 0.0
+    return out
