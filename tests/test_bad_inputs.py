@@ -73,6 +73,14 @@ def damaged_archive(path, kind):
     return str(path)
 
 
+def export_without_weights(world, tmp_path):
+    import shutil
+    copy = tmp_path / "exported"
+    shutil.copytree(world["exported"], copy)
+    os.remove(copy / "model.pdiparams")
+    return str(copy)
+
+
 def folder_with(root, kind):
     """The tiny image folder plus one bad thing."""
     folder = make_image_folder(root / kind)
@@ -84,6 +92,8 @@ def folder_with(root, kind):
     elif kind == "truncated_jpeg":
         raw = open(os.path.join(cats, "5.jpg"), "rb").read()
         open(os.path.join(cats, "cut.jpg"), "wb").write(raw[:len(raw) // 2])
+    elif kind == "gigantic_png":  # 200 M pixels: Pillow refuses it as a decompression bomb
+        Image.new("1", (20000, 10000)).save(os.path.join(cats, "huge.png"))
     elif kind == "empty_class":
         os.makedirs(os.path.join(folder, "zebras"))
     elif kind == "one_class":
@@ -147,6 +157,9 @@ CASES = [
      lambda w, t: TUNE + ["--data-dir", folder_with(t, "broken_symlink"), "--output-dir", str(t / "o")], "cats/link.jpg"),
     ("truncated JPEG", finetune.main,
      lambda w, t: TUNE + ["--data-dir", folder_with(t, "truncated_jpeg"), "--output-dir", str(t / "o")], "cats/cut.jpg"),
+    ("gigantic PNG", finetune.main,
+     lambda w, t: TUNE + ["--data-dir", folder_with(t, "gigantic_png"), "--output-dir", str(t / "o")],
+     "cats/huge.png (DecompressionBombError)"),
     ("empty class folder", finetune.main,
      lambda w, t: TUNE + ["--data-dir", folder_with(t, "empty_class"), "--output-dir", str(t / "o")], "zebras hold no images"),
     ("one class", finetune.main,
@@ -161,6 +174,8 @@ CASES = [
     ("eval missing checkpoint", eval_script.main, lambda w, t: ["--ckpt", str(t / "none")], "no such file"),
     ("predict topk 0", predict.main, lambda w, t: ["--ckpt", str(w["run"]), w["folder"], "--topk", "0"], "--topk must"),
     ("predict missing path", predict.main, lambda w, t: ["--ckpt", str(w["run"]), str(t / "x.jpg")], "no such file"),
+    ("export without its weights", predict.main,
+     lambda w, t: ["--inference-model", export_without_weights(w, t), w["folder"]], "no model.pdiparams"),
     ("export over an export", export_script.main,
      lambda w, t: ["--ckpt", str(w["run"]), "--output", str(w["exported"])], "already holds an export"),
     ("export to a file", export_script.main,

@@ -246,3 +246,30 @@ def test_checkpoints_load_onto_the_cpu(tmp_path):
     state = checkpoint.load(path)
     assert state["model"]["conv1.weight"].place.is_cpu_place()
     assert paddle.get_device() == "cpu"  # the default place is put back as it was
+
+
+@pytest.mark.skipif(not paddle.__version__.startswith("2."), reason="the fp16 cast is Paddle 2.6's dy2static")
+def test_paddle26_to_static_casts_a_bf16_program_to_fp16_so_the_plan_refuses_it():
+    """Audit #6: 2.6's PartialProgramLayer builds its AMP programs with the fp16 default,
+    whatever dtype auto_cast asked for (reproduced on the CPU, conv2d put back in the
+    bf16 white list as a GPU has it)."""
+    import logging
+    from paddle.base import core, framework
+    logging.disable(logging.WARNING)
+    net = paddle.jit.to_static(paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.ReLU()), full_graph=True)
+    tracer = framework._dygraph_tracer()
+    tracer._amp_level, tracer._amp_dtype = core.AmpLevel.O1, "bfloat16"
+    try:
+        _, program = net.forward.get_concrete_program(paddle.rand([1, 3, 8, 8]))
+    finally:
+        tracer._amp_level = core.AmpLevel.O0
+        logging.disable(logging.NOTSET)
+    amp_list = program._amp_list
+    amp_list.white_list.add("conv2d")
+    amp_list.unsupported_list.discard("conv2d")
+    amp_list.black_list.discard("conv2d")
+    block = program._create_amp_program(is_infer_mode=True).global_block()
+    dtypes = {str(block.var(op.output_arg_names[0]).dtype) for op in block.ops if op.type == "conv2d"}
+    assert dtypes == {"paddle.float16"}  # bfloat16 was asked for
+    with pytest.raises(config.UserError, match="trains in fp16"):
+        devices.training_plan(cfg_of(amp=True, amp_dtype="bfloat16", to_static=True), paddle.__version__, "gpu", (8, 0))
