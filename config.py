@@ -221,34 +221,39 @@ def add_run_arguments(parser, cls, depths):
 
 def run_config(args, cls, model=None):
     """(cfg, resume_state) for a script's parsed ``args``: defaults <- --config FILE <-
-    command-line keys. With --resume DIR the run's saved config is the base instead, and
-    keys given on the command line (a longer --epochs, say) apply on top."""
-    import checkpoint  # checkpoint builds on this module
+    command-line keys. With --resume DIR the run's saved config is the base instead (see
+    ``resume_config``)."""
     overrides = cli_overrides(args, cls)
     if model is not None:
         overrides["model"] = model
     if getattr(args, "resume", None):
-        if not os.path.isdir(args.resume):
-            raise UserError(f"--resume {args.resume}: give the run's directory (the --output-dir it was "
-                            f"trained into){', not a checkpoint file' if os.path.isfile(args.resume) else ''}")
         if args.config:
             raise UserError("--resume continues a run with its own saved config; drop --config")
-        state = checkpoint.load(args.resume)
-        saved = make_config(state["config"], cls=cls)
-        overrides["output_dir"] = args.resume
-        changed = sorted(k for k, v in overrides.items() if k not in RESUME_FREE + RESUME_SCHEDULE
-                         and v != getattr(saved, k) and _check(k, v, typing.get_type_hints(cls)[k]) != getattr(saved, k))
-        if changed:
-            raise UserError(f"--resume cannot change {', '.join(changed)} (the checkpoint was trained with "
-                            f"{', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)}); start a new run instead")
-        cfg = make_config(overrides, base=saved)
-        if cfg.epochs < state["epoch"]:
-            raise UserError(f"--epochs {cfg.epochs}: the run has already finished {state['epoch']} epochs")
-        return cfg, state
+        return resume_config(args.resume, overrides, cls)
     if args.config and not os.path.isfile(args.config):
         raise UserError(f"--config {args.config}: no such file; give a YAML recipe such as configs/resnet18_cifar10.yaml")
     values = load_yaml(args.config) if args.config else {}
     return make_config({**values, **overrides}, cls=cls), None
+
+
+def resume_config(run_dir, overrides, cls):
+    """(cfg, checkpoint) to continue the run in ``run_dir``: its saved config with the
+    ``overrides`` that RESUME_FREE and RESUME_SCHEDULE allow; any other change is refused."""
+    import checkpoint  # checkpoint builds on this module
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--resume {run_dir}: give the run's directory (the --output-dir it was trained into)"
+                        + (", not a checkpoint file" if os.path.isfile(run_dir) else ""))
+    state = checkpoint.load(run_dir)
+    saved = make_config(state["config"], cls=cls)
+    cfg = make_config(dict(overrides, output_dir=run_dir), base=saved)
+    changed = sorted(k for k in overrides if k not in RESUME_FREE + RESUME_SCHEDULE
+                     and getattr(cfg, k) != getattr(saved, k))
+    if changed:
+        raise UserError(f"--resume cannot change {', '.join(changed)} (the checkpoint was trained with "
+                        f"{', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)}); start a new run instead")
+    if cfg.epochs < state["epoch"]:
+        raise UserError(f"--epochs {cfg.epochs}: the run has already finished {state['epoch']} epochs")
+    return cfg, state
 
 
 def from_checkpoint(state):
