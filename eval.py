@@ -42,7 +42,7 @@ def eval_split(cfg, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a CIFAR-10 checkpoint.")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint (CIFAR-10, or a fine-tuning run's images).")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt file, or a run directory (its best, else last)")
     parser.add_argument("--split", choices=["test", "val"],
                         help="default: test for CIFAR-10, val for a fine-tuning run (an image folder has no test split)")
@@ -87,7 +87,7 @@ def main(argv=None):
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")
     plots.plot_confusion(png, r["confusion"], class_names,
-                   f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
+                         f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],
                   path="paddle.inference" if args.inference else "dygraph",
                   top1=r["top1"], top5=r["top5"], loss=r["loss"], images_per_s=r["images_per_s"],
