@@ -2,6 +2,7 @@
 
     python bench.py --model resnet18 --stem cifar --batch-size 128 --mode train
     python bench.py --model resnet20 --mode eval --batch-size 256 --compare ours,paddle.vision,torch
+    python bench.py --model resnet20 --batch-size 128 --compare ours,ours+onednn,torch
     python bench.py --model resnet18 --mode eval --impl inference     # exported model, paddle.inference
     python bench.py --pipeline --data-file ../data/cifar-10-python.tar.gz
     python bench.py --loop --data-file ../data/cifar-10-python.tar.gz --model resnet20 --subset 2560
@@ -10,7 +11,8 @@ Random input, median of --steps timed steps after --warmup untimed ones (min and
 too), ms/step and peak memory (CPU: the process's peak RSS; GPU: Paddle's peak
 allocation; the torch row always reports host RSS, so on a GPU its memory is not comparable). --compare runs each implementation in its own process, so thread pools
 and allocators do not interfere, and prints them side by side:
-  ours           models/ in Paddle dygraph
+  ours           models/ in Paddle dygraph, on Paddle's own convolution kernels
+  ours+onednn    the same, its convolutions on the oneDNN operator (onednn_conv/; as training on the CPU)
   paddle.vision  paddle.vision.models.resnet (its ResNet given our CIFAR stem where asked)
   inference      ours exported with paddle.jit.save, run by paddle.inference (eval only)
   torch          the same architecture in PyTorch (optional: pip install torch==2.13.0)
@@ -34,8 +36,15 @@ import models  # noqa: F401  (CPU settings before paddle loads)
 # ------------------------------------------------------------------ model builders
 def paddle_model(impl, name, stem, num_classes):
     import paddle.nn as nn
-    if impl == "ours":
-        return models.get_model(name, num_classes=num_classes, stem=stem)
+    if impl in ("ours", "ours+onednn"):
+        model = models.get_model(name, num_classes=num_classes, stem=stem)
+        if impl == "ours+onednn":
+            import onednn_conv
+            op, why_not = onednn_conv.load()
+            if op is None:
+                raise SystemExit(f"error: {why_not}")
+            onednn_conv.use_in(model)
+        return model
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):
         raise SystemExit(f"error: paddle.vision has no {name}")
@@ -306,7 +315,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--mode", choices=["train", "eval"], default="train")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--impl", default="ours", choices=["ours", "paddle.vision", "inference", "torch"])
+    parser.add_argument("--impl", default="ours", choices=["ours", "ours+onednn", "paddle.vision", "inference", "torch"])
     parser.add_argument("--compare", help="comma-separated impls, each timed in its own process")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -5,7 +5,7 @@
 
 Prints Paddle's version and build (CUDA, cuDNN, the GPU architectures it carries), each
 visible GPU with its compute capability and memory, the AMP dtypes that will really run
-on it, /dev/shm and CPU threads. A GPU this Paddle cannot use (no kernels for it, e.g.
+on it, /dev/shm, CPU threads and which convolution CPU training uses (onednn_conv/). A GPU this Paddle cannot use (no kernels for it, e.g.
 PyPI's paddlepaddle-gpu 2.6.2 on an H100) ends with one line naming the fix and exit 1.
 train_cifar10.py and finetune.py run the same check when they pick a GPU.
 """
@@ -14,6 +14,7 @@ import sys
 
 import models  # noqa: F401  (CPU settings before paddle loads)
 import device as devices
+import onednn_conv
 
 
 def report(facts):
@@ -33,6 +34,8 @@ def report(facts):
         lines.append(f"/dev/shm: {facts['shm_mb']:,} MB" + (" (small: the DataLoader will use pipes)"
                                                             if facts["shm_mb"] < 512 else ""))
     lines.append(f"CPU threads (OMP_NUM_THREADS): {facts['cpu_threads']}")
+    if facts.get("cpu_conv"):
+        lines.append(f"CPU training convolutions: {facts['cpu_conv']}")
     return lines
 
 
@@ -54,6 +57,8 @@ def main(argv=None):
     parser.add_argument("--require-gpu", action="store_true", help="exit 1 when there is no usable GPU")
     args = parser.parse_args(argv)
     facts = devices.gpu_facts(probe=True)
+    op, why_not = onednn_conv.load()
+    facts["cpu_conv"] = "the oneDNN operator (onednn_conv/)" if op else f"Paddle's kernel ({why_not})"
     print("\n".join(report(facts)))
     status, last = verdict(facts, args.require_gpu)
     if status:

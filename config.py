@@ -50,6 +50,7 @@ class TrainConfig:
     amp_dtype: str = "float16"       # float16 | bfloat16
     amp_level: str = "O1"            # O1: per-op casts | O2: fp16/bf16 weights with fp32 master copies
     to_static: bool = False          # compile the model with paddle.jit.to_static
+    conv: str = "onednn"             # CPU training: onednn (onednn_conv/, when it builds here; else Paddle's, said) | paddle
     deterministic: bool = False      # GPU: cuDNN's deterministic algorithms (bit-exact resume; slower). The CPU always is
     output_dir: str = "runs/cifar10"
     log_every: int = 50              # iterations between progress lines
@@ -76,7 +77,7 @@ class FinetuneConfig(TrainConfig):
 
 CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "flip_color", "none"), normalize=("cifar10", "imagenet"), device=("auto", "cpu", "gpu"),
-               amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"))
+               amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), conv=("onednn", "paddle"))
 
 
 # The range of every number (test, what the error says it must be), checked where a config is made.
@@ -103,7 +104,7 @@ LIMITS = dict(
 # them, and the log says so. Anything else (the model, the data, the batch, the optimizer,
 # AMP) would make the checkpoint's state mean something else: refused.
 RESUME_FREE = ("num_workers", "log_every", "device", "data_file", "data_dir", "output_dir", "deterministic",
-               "to_static", "visualdl")
+               "to_static", "visualdl", "conv")
 RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters")
 
 

@@ -24,6 +24,7 @@ import data
 import device as devices
 import launch
 import metrics
+import onednn_conv
 from checkpoint import as_number
 from config import UserError
 
@@ -189,6 +190,7 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
         run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
         log_resumed(cfg, run, sched, batches.per_epoch)
     # wrap for training: ``model`` stays the plain network, checkpoints are written from it
+    conv = choose_conv(model, cfg, device)
     train_net, opt = wrap_for_training(model, opt, cfg, world)
     if me == 0:
         config.save_yaml(cfg, os.path.join(out, "config.yaml"))
@@ -235,7 +237,7 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     if world > 1:
         log_replicas(model, world)
     return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run, world,
-                        me, evidence(cfg, device, world))
+                        me, evidence(cfg, device, world, conv))
 
 
 def set_up(cfg):
@@ -276,9 +278,9 @@ def log_replicas(model, world):
     dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
 
 
-def evidence(cfg, device, world):
-    """What a result rests on (airbench's habit): Paddle version, device, seed, command."""
-    return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}",
+def evidence(cfg, device, world, conv="paddle"):
+    """What a result rests on (airbench's habit): Paddle version, device, convolutions, seed, command."""
+    return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}", conv=conv,
                 seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
 
 
@@ -311,6 +313,23 @@ def wrap_for_training(model, opt, cfg, world):
     if world > 1:
         train_net = paddle.DataParallel(train_net)  # broadcasts rank 0's weights, all-reduces gradients
     return train_net, opt
+
+
+def choose_conv(model, cfg, device):
+    """The switch to the oneDNN convolution (onednn_conv/): on the CPU, with --conv onednn,
+    the model's Conv2D layers run on it when it builds and passes its self-check here;
+    otherwise they keep Paddle's kernel and the log says why. Returns which is used."""
+    if cfg.conv != "onednn" or device != "cpu":
+        return "paddle"
+    if cfg.to_static:  # dy2static cannot trace a forward replaced on an instance
+        log("notice: convolutions on Paddle's kernel (--to-static compiles Paddle's conv2d; the oneDNN operator is for dygraph)")
+        return "paddle"
+    op, why_not = onednn_conv.load()
+    if op is None:
+        log(f"notice: convolutions on Paddle's kernel ({why_not})")
+        return "paddle"
+    log(f"convolutions: {onednn_conv.use_in(model)} layers on the oneDNN operator (onednn_conv/; --conv paddle for Paddle's)")
+    return "onednn"
 
 
 def convert_sync_bn(layer):

@@ -1,0 +1,198 @@
+"""oneDNN convolutions for training on the CPU, as a Paddle custom operator (conv.cc).
+
+    import onednn_conv
+    op, why_not = onednn_conv.load()   # compiled on first use, cached, self-checked
+    onednn_conv.use_in(model)          # its Conv2D layers now run on oneDNN
+
+``use_in`` changes only how the model's own ``nn.Conv2D`` layers compute: parameter
+names, checkpoints and exported models are untouched (export builds a fresh model).
+A layer the operator does not cover (bias, groups, dilation, a non-square kernel,
+NHWC) keeps Paddle's kernel, and so does any call that is not float32 on the CPU.
+See README.md beside this file for the build, the header match and the measurements.
+"""
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import site
+import sys
+import types
+import warnings
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "conv.cc")
+HEADERS_PACKAGE = "onednn-devel-cpu-gomp==2023.2.0"  # oneDNN 3.2.0 headers, as requirements.txt here
+PADDLE_LIBS = os.path.join(os.path.dirname(paddle.__file__), "libs")
+
+_loaded = {}  # "op" -> the compiled module, or "why_not" -> the reason it cannot be used
+
+
+class Unavailable(Exception):
+    """Why the operator cannot be used on this machine, in one line."""
+
+
+def library_version():
+    """(major, minor, patch) of the libdnnl.so.3 Paddle ships, which is already loaded in
+    this process (ctypes opens the same file, so no second copy is loaded)."""
+    path = os.path.join(PADDLE_LIBS, "libdnnl.so.3")
+    if not os.path.exists(path):
+        raise Unavailable(f"this Paddle ships no oneDNN library ({path} is missing)")
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
+    lib = ctypes.CDLL(path)
+    lib.dnnl_version.restype = ctypes.POINTER(Version)
+    v = lib.dnnl_version().contents
+    return (v.major, v.minor, v.patch)
+
+
+def header_version(include_dir):
+    with open(os.path.join(include_dir, "oneapi", "dnnl", "dnnl_version.h")) as f:
+        text = f.read()
+    return tuple(int(re.search(rf"#define DNNL_VERSION_{part} (\d+)", text).group(1))
+                 for part in ("MAJOR", "MINOR", "PATCH"))
+
+
+def find_headers(library):
+    """The include directory of oneDNN headers that match ``library``: the same major
+    version and not newer (a newer header may call what the library lacks)."""
+    candidates = [os.environ.get("ONEDNN_INCLUDE_DIR"), os.path.join(sys.prefix, "include"),
+                  os.path.join(site.getuserbase(), "include"), "/usr/local/include", "/usr/include"]
+    seen = []
+    for d in candidates:
+        if d and os.path.exists(os.path.join(d, "oneapi", "dnnl", "dnnl_version.h")):
+            version = header_version(d)
+            if version[0] == library[0] and version <= library:
+                return d
+            seen.append(f"{d} has {'.'.join(map(str, version))}")
+    found = f" ({'; '.join(seen)})" if seen else ""
+    raise Unavailable(f"no oneDNN headers <= {'.'.join(map(str, library))} found{found}: "
+                      f"pip install {HEADERS_PACKAGE}")
+
+
+@contextlib.contextmanager
+def output_to(path):
+    """This process's stdout and stderr (file descriptors 1 and 2, which the compiler's
+    processes inherit) go to ``path`` meanwhile: Paddle's builder talks at length, and a
+    training log should say one line about it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def build_dir(include_dir):
+    """One cache folder per (Paddle version, source, headers): a change to any rebuilds."""
+    digest = hashlib.sha1()
+    digest.update(paddle.__version__.encode())
+    digest.update(open(SOURCE, "rb").read())
+    digest.update(include_dir.encode())
+    root = os.environ.get("ONEDNN_CONV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle"))
+    return os.path.join(root, f"onednn_conv-{digest.hexdigest()[:12]}")
+
+
+def compile_op():
+    """Build (or load from the cache) the operator. Raises Unavailable."""
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        raise Unavailable("no C++ compiler on this machine (install g++)")
+    include_dir = find_headers(library_version())
+    out = build_dir(include_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks of one launch build once, not over each other
+        with output_to(os.path.join(out, "build.log")):
+            try:
+                from paddle.utils import cpp_extension
+                return cpp_extension.load(
+                    name="onednn_conv_op", sources=[SOURCE], extra_include_paths=[include_dir],
+                    extra_cxx_cflags=["-O2"], build_directory=out,
+                    extra_ldflags=[f"-L{PADDLE_LIBS}", "-l:libdnnl.so.3", f"-Wl,-rpath,{PADDLE_LIBS}"])
+            except Exception:  # a compiler error: the details are in build.log
+                pass
+    raise Unavailable(f"the operator did not compile; the compiler's output is in {out}/build.log")
+
+
+def self_check(op):
+    """Forward and both gradients against Paddle's conv2d on two small shapes."""
+    rng = np.random.default_rng(0)
+    for stride, padding, r in ((1, 1, 3), (2, 0, 1)):
+        x = paddle.to_tensor(rng.standard_normal((2, 8, 7, 7), dtype=np.float32), stop_gradient=False)
+        w = paddle.to_tensor(rng.standard_normal((16, 8, r, r), dtype=np.float32), stop_gradient=False)
+        ours = op.onednn_conv2d(x, w, stride, padding, True)
+        ref = F.conv2d(x, w, stride=stride, padding=padding)
+        grad = paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32))
+        pairs = zip([ours, *paddle.grad([ours], [x, w], [grad])], [ref, *paddle.grad([ref], [x, w], [grad])])
+        for a, b in pairs:
+            error = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
+            if not error <= 1e-4:
+                raise Unavailable(f"self-check failed: relative error {error:.1e} against Paddle's conv2d")
+
+
+def load():
+    """(module, None) when the operator builds and passes its self-check here, else
+    (None, a one-line reason). Built once per process."""
+    if not _loaded:
+        try:
+            op = compile_op()
+            self_check(op)
+            _loaded.update(op=op, why_not=None)
+        except Unavailable as e:
+            _loaded.update(op=None, why_not=str(e))
+    return _loaded["op"], _loaded["why_not"]
+
+
+def covered(layer):
+    """The stride and padding of a Conv2D the operator computes, or None."""
+    if type(layer) is not nn.Conv2D or layer.bias is not None or layer._groups != 1:
+        return None
+    if layer._data_format != "NCHW" or layer._padding_mode != "zeros" or layer._padding_algorithm != "EXPLICIT":
+        return None
+    kernel, stride, padding = list(layer._kernel_size), list(layer._stride), list(layer._updated_padding)
+    if list(layer._dilation) != [1, 1] or kernel[0] != kernel[1] or len(set(stride)) != 1 or len(set(padding)) != 1:
+        return None
+    return stride[0], padding[0]
+
+
+def conv_forward(layer, x):
+    """Conv2D.forward of a covered layer (bound to it by use_in)."""
+    if x.dtype != paddle.float32 or layer.weight.dtype != paddle.float32 or not x.place.is_cpu_place():
+        return nn.Conv2D.forward(layer, x)
+    if hasattr(x, "is_contiguous") and not x.is_contiguous():
+        x = x.contiguous()
+    stride, padding = layer._onednn_conv
+    return _loaded["op"].onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient)
+
+
+def use_in(model):
+    """Make every covered Conv2D of ``model`` run on the operator (load() must have
+    succeeded). Returns how many layers that is."""
+    if not _loaded.get("op"):
+        raise RuntimeError("onednn_conv.load() did not succeed: " + str(_loaded.get("why_not")))
+    count = 0
+    for layer in model.sublayers(include_self=True):
+        how = covered(layer)
+        if how is not None:
+            layer._onednn_conv = how
+            layer.forward = types.MethodType(conv_forward, layer)
+            count += 1
+    return count

@@ -1,0 +1,182 @@
+"""The oneDNN convolution (onednn_conv/): every convolution shape of ResNet-18/20/50 against
+Paddle's conv2d, and training with it against training without it.
+
+Where the operator cannot be built the tests skip, except in CI (ONEDNN_CONV_REQUIRED=1,
+set by .ci/run, which installs the headers): there a failed build fails the tests.
+"""
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+import yaml
+
+import models
+import onednn_conv
+import train_cifar10
+from helpers import make_cifar_archive
+
+OP, WHY_NOT = onednn_conv.load()
+if OP is None:
+    if os.environ.get("ONEDNN_CONV_REQUIRED") == "1":
+        raise RuntimeError(f"onednn_conv is required here and unavailable: {WHY_NOT}")
+    pytest.skip(f"onednn_conv unavailable: {WHY_NOT}", allow_module_level=True)
+
+
+def conv_shapes(model, size):
+    """(input shape, weight shape, stride, padding) of every Conv2D call of ``model`` on a
+    batch of 2 images of ``size``, each distinct shape once."""
+    seen = {}
+
+    def record(layer, inputs):
+        how = onednn_conv.covered(layer)
+        assert how is not None, f"{layer} is not covered by the operator"
+        seen[(tuple(inputs[0].shape), tuple(layer.weight.shape)) + how] = True
+    hooks = [m.register_forward_pre_hook(record) for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]
+    with paddle.no_grad():
+        model.eval()
+        model(paddle.zeros([2, 3, size, size]))
+    for h in hooks:
+        h.remove()
+    return list(seen)
+
+
+PER_MODEL = dict(resnet20=conv_shapes(models.resnet20(), 32), resnet18_cifar=conv_shapes(models.resnet18(stem="cifar"), 32),
+                 resnet18=conv_shapes(models.resnet18(), 224), resnet50=conv_shapes(models.resnet50(), 224))
+SHAPES = sorted(set(sum(PER_MODEL.values(), [])))
+
+
+def test_the_shape_list_is_complete():
+    # ResNet-20: the stem and two 3x3 per stage (stride 1, and 2 entering stages 2-3; its shortcuts
+    # have no convolution); ResNet-18: stem, 3x3 pairs and the 1x1/2 shortcuts of stages 2-4;
+    # ResNet-50 adds the bottlenecks' 1x1 convolutions; the ImageNet stem is a 7x7/2.
+    assert {k: len(v) for k, v in PER_MODEL.items()} == dict(resnet20=6, resnet18_cifar=11, resnet18=11, resnet50=23)
+    kinds = {(w[2], stride, pad) for _, w, stride, pad in SHAPES}
+    assert kinds == {(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)}
+    assert len(SHAPES) == 46
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding", SHAPES)
+def test_forward_and_both_gradients_equal_paddles(x_shape, w_shape, stride, padding):
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = paddle.to_tensor(rng.standard_normal(x_shape, dtype=np.float32), stop_gradient=False)
+    w = paddle.to_tensor(rng.standard_normal(w_shape, dtype=np.float32) * 0.1, stop_gradient=False)
+    ours = OP.onednn_conv2d(x, w, stride, padding, True)
+    ref = F.conv2d(x, w, stride=stride, padding=padding)
+    assert ours.shape == ref.shape
+    grad = paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32))
+    for name, a, b in zip(("out", "grad x", "grad w"), [ours, *paddle.grad([ours], [x, w], [grad])],
+                          [ref, *paddle.grad([ref], [x, w], [grad])]):
+        a, b = a.numpy(), b.numpy()
+        relative = np.abs(a - b).max() / np.abs(b).max()
+        assert relative <= 1e-4, f"{name}: relative error {relative:.2e}"
+
+
+def test_uncovered_layers_keep_paddles_kernel():
+    kept = [paddle.nn.Conv2D(4, 4, 3, bias_attr=True), paddle.nn.Conv2D(4, 4, 3, groups=2),
+            paddle.nn.Conv2D(4, 4, 3, dilation=2), paddle.nn.Conv2D(4, 4, (1, 3)),
+            paddle.nn.Conv2D(4, 4, 3, data_format="NHWC"), paddle.nn.Conv2D(4, 4, 3, padding="SAME")]
+    assert [onednn_conv.covered(c) for c in kept] == [None] * len(kept)
+    assert onednn_conv.covered(paddle.nn.Conv2D(4, 4, 3, stride=2, padding=1, bias_attr=False)) == (2, 1)
+    assert onednn_conv.use_in(paddle.nn.Sequential(*kept)) == 0
+
+
+def test_model_outputs_and_names_are_unchanged_by_the_switch():
+    paddle.seed(0)
+    model = models.resnet20()
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32))
+    model.eval()
+    before, names = model(x).numpy(), list(model.state_dict())
+    assert onednn_conv.use_in(model) == 19
+    after = model(x).numpy()
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
+    assert list(model.state_dict()) == names
+
+
+def train_steps(conv, steps=8, nudge=0.0):
+    """ResNet-20 after ``steps`` SGD steps (lr 0.1, momentum 0.9) on fixed random batches:
+    its weights, and the gradients of the first step."""
+    rng = np.random.default_rng(0)
+    paddle.seed(0)
+    model = models.resnet20()
+    if conv == "onednn":
+        onednn_conv.use_in(model)
+    for p in model.parameters():
+        p.set_value(p * (1 + nudge))
+    opt = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=model.parameters(), weight_decay=5e-4)
+    first = None
+    for step in range(steps):
+        x = paddle.to_tensor(rng.standard_normal((40, 3, 32, 32), dtype=np.float32))
+        F.cross_entropy(model(x), paddle.to_tensor(rng.integers(0, 10, 40))).backward()
+        if first is None:
+            first = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.clear_grad()
+    return {n: p.numpy() for n, p in model.named_parameters()}, first
+
+
+def relative_distance(a, b):
+    """||a - b|| / ||a|| over all tensors together."""
+    return np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)) / np.sqrt(sum((a[k] ** 2).sum() for k in a))
+
+
+def test_training_steps_match_paddles_within_what_rounding_does():
+    """The tolerance, justified: the two kernels sum in different orders, so they differ by
+    rounding, and training at lr 0.1 amplifies any difference. The yardstick is a change of
+    the same size as rounding: every initial weight scaled by 1 + 1e-6. Measured here, the
+    whole model's first gradients differ by 8e-4 (oneDNN) against 2.3e-3 (the nudge), the
+    weights after 8 steps by 0.023 against 0.025. So: the oneDNN run may be at most twice as
+    far from Paddle's as the nudged run is; a wrong gradient would be orders beyond it."""
+    paddle_w, paddle_g = train_steps("paddle")
+    onednn_w, onednn_g = train_steps("onednn")
+    nudged_w, nudged_g = train_steps("paddle", nudge=1e-6)
+    assert relative_distance(paddle_g, onednn_g) <= 2 * relative_distance(paddle_g, nudged_g)
+    assert relative_distance(paddle_w, onednn_w) <= 2 * relative_distance(paddle_w, nudged_w)
+    assert relative_distance(paddle_w, nudged_w) < 0.1  # the yardstick itself is small
+
+
+FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
+        "--num-workers", "0", "--log-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_cifar_archive(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz", n_train=200, n_test=60)
+
+
+def test_the_switch_in_a_training_run(archive, tmp_path, capsys):
+    """--conv onednn (the default) runs the operator in train_cifar10.py and says so;
+    --conv paddle does not; both runs learn alike (the per-step agreement is tested above)."""
+    results = {}
+    for conv in ("paddle", "onednn"):
+        out = tmp_path / conv
+        train_cifar10.main(FAST + ["--data-file", archive, "--output-dir", str(out), "--conv", conv])
+        results[conv] = yaml.safe_load(open(out / "results.yaml"))
+        log = capsys.readouterr().out
+        assert ("convolutions: 19 layers on the oneDNN operator" in log) == (conv == "onednn")
+        assert results[conv]["conv"] == conv
+    losses = [results[c]["final_train_loss"] for c in ("paddle", "onednn")]
+    assert abs(losses[0] - losses[1]) <= 0.02 * losses[0], losses
+
+
+def test_without_headers_training_falls_back_with_one_notice(archive, tmp_path, monkeypatch, capsys):
+    def no_headers(library):
+        raise onednn_conv.Unavailable("no oneDNN headers <= 3.2.1 found: pip install onednn-devel-cpu-gomp==2023.2.0")
+    monkeypatch.setattr(onednn_conv, "find_headers", no_headers)
+    monkeypatch.setattr(onednn_conv, "_loaded", {})
+    train_cifar10.main(FAST + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path)])
+    log = capsys.readouterr().out
+    assert "notice: convolutions on Paddle's kernel (no oneDNN headers <= 3.2.1 found: pip install" in log
+    assert yaml.safe_load(open(tmp_path / "results.yaml"))["conv"] == "paddle"
+
+
+def test_a_compile_error_is_one_line_pointing_to_the_log(tmp_path, monkeypatch):
+    broken = tmp_path / "conv.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(onednn_conv, "SOURCE", str(broken))
+    monkeypatch.setenv("ONEDNN_CONV_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(onednn_conv.Unavailable, match="did not compile; the compiler's output is in .*build.log"):
+        onednn_conv.compile_op()
+    log = next((tmp_path / "cache").glob("*/build.log")).read_text()
+    assert "error" in log
