@@ -12,7 +12,6 @@ See README.md beside this file for the build, the header match and the measureme
 """
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import os
 import re
@@ -21,6 +20,11 @@ import site
 import sys
 import types
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks (the library is a Linux build anyway)
+    fcntl = None
 
 import numpy as np
 import paddle
@@ -119,7 +123,8 @@ def compile_op():
     out = build_dir(include_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks of one launch build once, not over each other
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # ranks of one launch build once, not over each other
         with output_to(os.path.join(out, "build.log")):
             try:
                 from paddle.utils import cpp_extension
@@ -158,6 +163,9 @@ def load():
             _loaded.update(op=op, why_not=None)
         except Unavailable as e:
             _loaded.update(op=None, why_not=str(e))
+        except Exception as e:  # anything else the library, the build or the self-check raised
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            _loaded.update(op=None, why_not=f"the operator failed its start-up check ({type(e).__name__}: {first})")
     return _loaded["op"], _loaded["why_not"]
 
 

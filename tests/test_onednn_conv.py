@@ -180,3 +180,11 @@ def test_a_compile_error_is_one_line_pointing_to_the_log(tmp_path, monkeypatch):
         onednn_conv.compile_op()
     log = next((tmp_path / "cache").glob("*/build.log")).read_text()
     assert "error" in log
+
+
+def test_a_failing_self_check_is_a_reason_not_a_crash(monkeypatch):
+    def broken(op):
+        raise RuntimeError("oneDNN said no\nmore lines")
+    monkeypatch.setattr(onednn_conv, "self_check", broken)
+    monkeypatch.setattr(onednn_conv, "_loaded", {})
+    assert onednn_conv.load() == (None, "the operator failed its start-up check (RuntimeError: oneDNN said no)")
