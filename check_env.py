@@ -5,8 +5,9 @@
 
 Prints Paddle's version and build (CUDA, cuDNN, the GPU architectures it carries), each
 visible GPU with its compute capability and memory, the AMP dtypes that will really run
-on it, /dev/shm, CPU threads and which convolution CPU training uses (onednn_conv/). A GPU this Paddle cannot use (no kernels for it, e.g.
-PyPI's paddlepaddle-gpu 2.6.2 on an H100) ends with one line naming the fix and exit 1.
+on it, /dev/shm, CPU threads and which convolution CPU training uses (onednn_conv/). A
+GPU this Paddle cannot use (no kernels for it, e.g. PyPI's paddlepaddle-gpu 2.6.2 on an
+H100) ends with one line naming the fix and exit 1.
 train_cifar10.py and finetune.py run the same check when they pick a GPU.
 """
 import argparse
