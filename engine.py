@@ -211,6 +211,7 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             t0 = time.time()
             train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch, board)
             check_finite(run, epoch, cfg, model)
+            launch.average_bn_statistics(model, world)  # one model on every rank, the one saved
             # end of epoch: validation, checkpoints, metrics
             row = epoch_row(run, epoch, opt, world, time.time() - t0)
             if val_loader is not None:
@@ -273,7 +274,7 @@ def exit_stopped(stop, out):
 def log_replicas(model, world):
     agree = launch.replicas_agree(model, world)
     log(f"replicas: trainable weights differ across {world} ranks by at most {agree['trainable']:g}; "
-        f"BN running statistics by {agree['bn_stats']:g} (each rank's own batches; rank 0's are saved)")
+        f"BN running statistics (averaged over the ranks every epoch) by {agree['bn_stats']:g}")
     import paddle.distributed as dist
     dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
 

@@ -52,10 +52,27 @@ def all_sum(values, world_size):
     return t.numpy()
 
 
+def average_bn_statistics(model, world_size):
+    """Make every rank's BatchNorm running mean and variance their average over the ranks
+    (timm's ``distribute_bn`` with reduce). DataParallel all-reduces gradients only, so
+    each rank's running statistics follow its own batches and the replicas drift apart:
+    validation summed over the ranks would evaluate a different model on each shard, and
+    not the one rank 0 saves. Called at every epoch end, before validation and the save."""
+    if world_size == 1:
+        return
+    import paddle.distributed as dist
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+            for stat in (layer._mean, layer._variance):
+                total = stat.detach().clone()
+                dist.all_reduce(total)
+                stat.set_value(total / world_size)
+
+
 def replicas_agree(model, world_size):
     """Max difference across ranks of a fingerprint (sum and sum of squares) of every
     parameter, trainable and BN statistics separately: DataParallel keeps the trainable
-    weights identical; each rank's BN running statistics follow its own batches."""
+    weights identical, average_bn_statistics the BN running statistics; both must be 0."""
     import paddle.distributed as dist
     groups = {"trainable": [], "bn_stats": []}
     for name, p in model.named_parameters():

@@ -42,7 +42,9 @@ def test_cifar_two_ranks(tmp_path, capsys):
             "--num-workers", "0", "--output-dir", str(out), "--log-every", "1"]
     logs = launch("train_cifar10.py", args + ["--epochs", "1"], tmp_path / "log1")
     assert "global batch 40, 4 iterations/epoch" in logs[0]
+    # one model on every rank: the gradients are all-reduced, the BN statistics averaged
     assert "trainable weights differ across 2 ranks by at most 0;" in logs[0]
+    assert "averaged over the ranks every epoch) by 0" in logs[0]
     assert "epoch 1/1 done" in logs[0] and "epoch 1/1 done" not in logs[1]  # only rank 0 reports
     assert "step" not in logs[1]
 

@@ -109,8 +109,11 @@ def test_bench_pipeline_and_loop(archive, capsys):
 
 
 def test_to_static_training_matches_dygraph(archive, tmp_path):
+    """to_static against dygraph on the same convolution kernel: --to-static always runs
+    Paddle's conv2d (dy2static cannot trace the oneDNN operator's per-layer forward), so the
+    dygraph run takes --conv paddle too, and the test measures to_static alone."""
     args = ["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "40",
-            "--epochs", "1", "--num-workers", "0"]
+            "--epochs", "1", "--num-workers", "0", "--conv", "paddle"]
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "dy")])
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "st"), "--to-static"])
     dy = checkpoint.load(str(tmp_path / "dy" / "last.pdckpt"))
