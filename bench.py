@@ -15,7 +15,8 @@ and allocators do not interfere, and prints them side by side:
   ours+onednn    the same, its convolutions on the oneDNN operator (onednn_conv/; as training on the CPU)
   paddle.vision  paddle.vision.models.resnet (its ResNet given our CIFAR stem where asked)
   inference      ours exported with paddle.jit.save, run by paddle.inference (eval only)
-  torch          the same architecture in PyTorch (optional: pip install torch==2.13.0)
+  torch          the same architecture in PyTorch (optional: pip install torch==2.13.0), NCHW
+  torch+cl       the same in channels_last (model and input), what a tuned PyTorch user picks on a CPU
 --pipeline times the input pipeline alone (DataLoader + training transforms on the
 real archive); --loop times one real epoch and reports its wall time over the sum of
 its compute steps (the loop's overhead).
@@ -31,6 +32,13 @@ import tempfile
 import time
 
 import models  # noqa: F401  (CPU settings before paddle loads)
+import config
+from config import UserError
+
+IMPLS = ("ours", "ours+onednn", "paddle.vision", "inference", "torch", "torch+cl")
+# the networks torch_model writes in PyTorch: the ImageNet-family ResNets and the paper's CIFAR ones
+TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
 
 # ------------------------------------------------------------------ model builders
@@ -42,12 +50,12 @@ def paddle_model(impl, name, stem, num_classes):
             import onednn_conv
             op, why_not = onednn_conv.load()
             if op is None:
-                raise SystemExit(f"error: {why_not}")
+                raise UserError(f"--impl ours+onednn: {why_not}")
             onednn_conv.use_in(model)
         return model
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):
-        raise SystemExit(f"error: paddle.vision has no {name}")
+        raise UserError(f"--impl paddle.vision: paddle.vision has no {name}")
     model = getattr(pvm, name)(num_classes=num_classes)
     if stem == "cifar":  # the same CIFAR stem as ours: 3x3/1 conv, no max-pool
         model.conv1 = nn.Conv2D(3, 64, 3, padding=1, bias_attr=False)
@@ -132,15 +140,18 @@ def torch_model(name, stem, num_classes):
 
 # ----------------------------------------------------------------------- timing
 def time_steps(step, steps, warmup, sync=lambda: None):
+    """The seconds of each of ``steps`` timed steps after ``warmup`` untimed ones; the timed
+    steps' minor page faults are left in time_steps.faults."""
     for _ in range(warmup):
         step()
     sync()
-    times = []
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         t = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t)
+    time_steps.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return times
 
 
@@ -157,7 +168,7 @@ def bench_paddle(args):
     sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
     if args.impl == "inference":
         if args.mode != "eval":
-            raise SystemExit("error: --impl inference is evaluation only (--mode eval)")
+            raise UserError("--impl inference is evaluation only: add --mode eval")
         import predictors
         model = paddle_model("ours", args.model, args.stem, args.num_classes)
         model.eval()
@@ -197,12 +208,19 @@ def bench_paddle(args):
 
 
 def bench_torch(args):
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--impl torch needs PyTorch, for comparison only: pip install torch==2.13.0")
+    if args.model not in TORCH_MODELS:
+        raise UserError(f"--impl torch has no twin of {args.model}; it has {', '.join(TORCH_MODELS)}")
     import torch.nn.functional as TF
     torch.manual_seed(0)
     device = "cuda" if args.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
     model = torch_model(args.model, args.stem, args.num_classes).to(device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.impl == "torch+cl":
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if args.mode == "train":
@@ -230,20 +248,40 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_description():
+    """lscpu's model name and the flags that decide the kernels (from /proc/cpuinfo)."""
+    model, flags = "", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return dict(cpu=model, cpu_flags=" ".join(f for f in wanted if f in flags))
+
+
 def run_one(args):
-    times, device = bench_torch(args) if args.impl == "torch" else bench_paddle(args)
+    times, device = bench_torch(args) if args.impl.startswith("torch") else bench_paddle(args)
     med = statistics.median(times)
     return dict(impl=args.impl, model=args.model, stem=args.stem, mode=args.mode, batch_size=args.batch_size,
                 image_size=args.image_size, device=device, threads=os.environ.get("OMP_NUM_THREADS"),
                 images_per_s=args.batch_size / med, images_per_s_min=args.batch_size / max(times),
                 images_per_s_max=args.batch_size / min(times), ms_per_step=1000 * med, steps=len(times),
-                peak_memory_mb=round(peak_memory_mb(device if args.impl != "torch" else "cpu"), 1))
+                page_faults_per_step=round(time_steps.faults / len(times)),
+                keeps_freed_memory=models.KEEPS_FREED_MEMORY,
+                peak_memory_mb=round(peak_memory_mb(device if not args.impl.startswith("torch") else "cpu"), 1),
+                **cpu_description())
 
 
 def describe(r):
     return (f"{r['impl']:<14} {r['model']} ({r['stem']}) {r['mode']} batch {r['batch_size']} @{r['image_size']} "
             f"on {r['device']}: {r['images_per_s']:.1f} img/s (min {r['images_per_s_min']:.1f}, "
-            f"max {r['images_per_s_max']:.1f}), {r['ms_per_step']:.0f} ms/step, peak memory {r['peak_memory_mb']:.0f} MB")
+            f"max {r['images_per_s_max']:.1f}), {r['ms_per_step']:.0f} ms/step, {r['page_faults_per_step']} page faults/step, "
+            f"peak memory {r['peak_memory_mb']:.0f} MB")
 
 
 # ------------------------------------------------------------ pipeline and loop
@@ -306,7 +344,28 @@ def bench_loop(args):
                 overhead_pct=100 * (wall - sum(compute)) / wall, num_workers=args.num_workers)
 
 
+def check_args(args):
+    """One line for an option bench.py cannot run with."""
+    if args.model not in models.MODELS:
+        raise UserError(f"--model {args.model}: unknown; valid: {', '.join(models.MODELS)}")
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--batch-size", args.batch_size, 1), ("--image-size", args.image_size, 8),
+                               ("--num-classes", args.num_classes, 1), ("--num-workers", args.num_workers, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.compare:
+        impls = [i for i in args.compare.split(",") if i]
+        wrong = [i for i in impls if i not in IMPLS]
+        if not impls or wrong:
+            raise UserError(f"--compare {args.compare!r}: give comma-separated impls of {', '.join(IMPLS)}")
+
+
 def main(argv=None):
+    with config.user_errors():
+        return run(argv)
+
+
+def run(argv=None):
     parser = argparse.ArgumentParser(description="Images/s of ResNet training and evaluation.")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
@@ -315,7 +374,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--mode", choices=["train", "eval"], default="train")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--impl", default="ours", choices=["ours", "ours+onednn", "paddle.vision", "inference", "torch"])
+    parser.add_argument("--impl", default="ours", choices=IMPLS)
     parser.add_argument("--compare", help="comma-separated impls, each timed in its own process")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -330,6 +389,7 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON line per result")
     args = parser.parse_args(argv)
+    check_args(args)
     if args.pipeline or args.loop:
         result = bench_pipeline(args) if args.pipeline else bench_loop(args)
         print(json.dumps(result) if args.json else

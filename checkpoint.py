@@ -17,67 +17,83 @@ import numpy as np
 import paddle
 
 import config
+import files
 import models
 from config import UserError
+from files import replacing
 
-LAST, BEST = "last.pdckpt", "best.pdckpt"
+LAST, BEST, RESULTS = "last.pdckpt", "best.pdckpt", "results.yaml"
 
 
 # --------------------------------------------------------------------- files
-RUN_FILES = (LAST, BEST, "metrics.csv", "results.yaml", "config.yaml")
+RUN_FILES = (LAST, BEST, "metrics.csv", RESULTS, "config.yaml")
 
 
-def prepare_run_dir(out, resuming):
-    """Create the output directory of a new run; refuse one that holds a run (nothing saved
-    is ever overwritten) or that is a file."""
+def prepare_run_dir(out, resuming, writer=True):
+    """Create the output directory of a run and take its lock (``writer``: the process that
+    saves; under launch, rank 0). Refuse a directory that holds a run unless resuming
+    (nothing saved is ever overwritten), one that is a file, or one another process uses."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} is a file; give a directory")
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if not resuming and found:
-        how = f"continue it with --resume {out}, or " if LAST in found else ""
-        raise UserError(f"{out} already holds a run ({', '.join(found)}); {how}pick a new --output-dir")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output-dir {out} cannot be created ({e.strerror or e})")
-
-
-@contextlib.contextmanager
-def replacing(path):
-    """Yield a temporary path to write; then move it onto ``path`` atomically, so a crash
-    never leaves half a file. A failed write (a full disk) removes the temporary file,
-    leaves ``path`` as it was and is one UserError."""
-    tmp = path + ".tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path} ({e.strerror or e}); what was saved before is intact: "
-                        "free some disk space and continue with --resume")
+    if writer:
+        files.lock(out)  # before looking inside: a run another process is writing is not ours to judge
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not resuming and found:
+        how = f"continue it with --resume {out}, or " if LAST in found else ""
+        raise UserError(f"{out} already holds a run ({', '.join(found)}); {how}pick a new --output-dir")
+    if writer:
+        files.remove_leftovers(out)
 
 
 def save(path, state):
-    """paddle.save ``state`` to ``path`` atomically (see ``replacing``)."""
+    """paddle.save ``state`` to ``path`` atomically (files.replacing)."""
     with replacing(path) as tmp:
         paddle.save(state, tmp)
 
 
 def save_run(out, state, improved):
     """Save ``LAST``; when the epoch ``improved`` on validation, make ``BEST`` the same file
-    (a hard link, or a copy where links are not possible), also atomically (timm's saver)."""
-    last, best = os.path.join(out, LAST), os.path.join(out, BEST)
-    save(last, state)
+    (a hard link, or a copy where links are not possible), also atomically (timm's saver).
+    A kill between the two leaves LAST holding the best epoch: ``repair_run`` links it.
+    results.yaml (a finished run's report) would no longer describe the run: it goes first."""
+    results = os.path.join(out, RESULTS)
+    if os.path.exists(results):
+        os.remove(results)
+    save(os.path.join(out, LAST), state)
     if improved:
-        tmp = best + ".tmp"
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        link_best(out)
+
+
+def link_best(out):
+    last, best = os.path.join(out, LAST), os.path.join(out, BEST)
+    with replacing(best) as tmp:
+        os.remove(tmp)
         try:
             os.link(last, tmp)
         except OSError:
             shutil.copyfile(last, tmp)
-        os.replace(tmp, best)
+
+
+def repair_run(out, state):
+    """Make BEST consistent with the run's last checkpoint ``state`` after a kill at any
+    instant: killed after LAST was written and before BEST was linked, LAST holds the best
+    epoch and is linked now. (metrics.csv and curves.png are rewritten from the history by
+    the caller; results.yaml is removed before any later checkpoint is saved.)"""
+    best_epoch, best, last = state["best"]["epoch"], os.path.join(out, BEST), os.path.join(out, LAST)
+    if not best_epoch:
+        return
+    if best_epoch == state["epoch"] and state.get("progress") is None:
+        if not (os.path.exists(best) and os.path.samefile(best, last)):
+            link_best(out)
+        return
+    held = load(best)["epoch"] if os.path.exists(best) else None
+    if held != best_epoch:
+        raise UserError(f"{best} holds {'no checkpoint' if held is None else f'epoch {held}'} but the run's best "
+                        f"is epoch {best_epoch} (replaced or removed by hand); put it back, or start a new run")
 
 
 def resolve(path):

@@ -7,7 +7,9 @@ values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import typing
 
 import yaml
@@ -113,13 +115,48 @@ class UserError(Exception):
     one line naming the problem and the fix. Every script prints it as ``error: ...``."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, docker stop), handled as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
+def stop_code(stop):
+    """The exit status of a run stopped by ``stop``: 143 for SIGTERM, 130 for Ctrl-C, as a shell gives."""
+    return 143 if isinstance(stop, Terminated) else 130
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turn a UserError into one ``error: ...`` line and exit status 1, with no traceback."""
+    """Every script's body runs in this: a UserError is one ``error: ...`` line and exit
+    status 1, Ctrl-C or SIGTERM one line and 130/143 (the training loop says what it
+    saved before this), a closed stdout (``| head``) a quiet end, no traceback for any."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         yield
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as stop:
+        print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: nothing was saved",
+              file=sys.stderr, flush=True)
+        sys.exit(stop_code(stop))
+    except BrokenPipeError:  # the reader of our output went away: end quietly, as `cat` would
+        quiet_stdout()
+        sys.exit(141)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def quiet_stdout():
+    """Point stdout at /dev/null (it is a closed pipe): later prints and the interpreter's
+    final flush then go nowhere instead of raising BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _check(name, value, typ):
@@ -172,12 +209,29 @@ def check_limits(cfg):
         raise UserError(f"config key 'milestones' must be iteration numbers in increasing order, got {m}")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML takes
+    the second silently, so a recipe would not train what its first line says)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"config key '{key}' is given twice, on lines {seen[key] + 1} and "
+                                f"{key_node.start_mark.line + 1} of {self.name}; keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path):
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            values = yaml.load(f, Loader=UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise UserError(f"config file {path} not found")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8")
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(values, dict):
@@ -244,6 +298,10 @@ def resume_config(run_dir, overrides, cls):
     if not os.path.isdir(run_dir):
         raise UserError(f"--resume {run_dir}: give the run's directory (the --output-dir it was trained into)"
                         + (", not a checkpoint file" if os.path.isfile(run_dir) else ""))
+    other = overrides.get("output_dir")
+    if other and os.path.abspath(other) != os.path.abspath(run_dir):
+        raise UserError(f"--resume {run_dir} continues the run where it is, not in --output-dir {other}; to continue "
+                        f"a copy, copy {run_dir} to {other} and --resume {other}")
     state = checkpoint.load(run_dir)
     saved = make_config(state["config"], cls=cls)
     cfg = make_config(dict(overrides, output_dir=run_dir), base=saved)
@@ -266,9 +324,5 @@ def from_checkpoint(state):
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
-
-def save_yaml(cfg, path):
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 

@@ -203,8 +203,23 @@ def make_loader(dataset, batch_size, num_workers, batches=None):
     if batches is None:
         batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     loader = paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                  use_shared_memory=not shm_too_small(num_workers))
+                                  use_shared_memory=not shm_too_small(num_workers),
+                                  worker_init_fn=leave_stop_signals_to_the_main_process if num_workers else None)
     return Checked(loader, dataset)
+
+
+def leave_stop_signals_to_the_main_process(worker_id):
+    """In a DataLoader worker, SIGTERM ends the worker quietly, as Ctrl-C does. Paddle's
+    worker start installs a C++ handler that prints a "FatalError: Termination signal"
+    banner and dies of the signal, and the main process then stops with "DataLoader
+    process killed by signal" instead of saving. Sent to the whole process group
+    (timeout, Slurm, docker stop), SIGTERM reaches the main process too, which saves."""
+    import signal
+    signal.signal(signal.SIGTERM, quiet_worker_exit)
+
+
+def quiet_worker_exit(signum, frame):
+    raise KeyboardInterrupt  # Paddle's worker loop ends on it without a word (io/dataloader/worker.py)
 
 
 class Checked:
@@ -285,9 +300,10 @@ def load_image(path):
     """An 8-bit RGB PIL image from any file PIL reads: grayscale, palette, RGBA and CMYK
     are converted, 16-bit grayscale is scaled (PIL's own convert would clip it to white).
     Raises OSError/ValueError (PIL's errors) for a file that does not decode."""
-    from PIL import Image
+    from PIL import Image, ImageOps
     with Image.open(path) as img:
         img.load()  # decode now: a truncated file fails here, not later
+        img = ImageOps.exif_transpose(img)  # a phone photo as it is shown, not as its pixels are stored
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             pixels = np.asarray(img, dtype=np.float64)
             img = Image.fromarray((pixels / (257 if pixels.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
@@ -301,10 +317,20 @@ def is_hidden(name):
 
 
 def list_images(folder):
-    """Image files under ``folder`` (recursively, hidden files and folders skipped), sorted."""
-    found = []
+    """Image files under ``folder`` (recursively, hidden files and folders skipped), sorted.
+    A linked folder is followed when it stays inside ``folder`` and was not walked yet: a
+    link to a parent or to another class's folder would count images twice, forever or
+    under the wrong class."""
+    top = os.path.realpath(folder)
+    found, walked = [], {top}
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        keep = []
+        for d in sorted(d for d in dirs if not is_hidden(d)):
+            real = os.path.realpath(os.path.join(root, d))
+            if real.startswith(top + os.sep) and real not in walked:
+                walked.add(real)
+                keep.append(d)
+        dirs[:] = keep
         found += [os.path.join(root, f) for f in sorted(files)
                   if not is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
@@ -363,6 +389,10 @@ def image_folder_splits(cfg):
         raise UserError("--data-dir is required: a folder with one sub-folder of images per class")
     if not os.path.isdir(root):
         raise UserError(f"--data-dir {root}: no such directory; it must hold one sub-folder of images per class")
+    out, top = os.path.realpath(cfg.output_dir), os.path.realpath(root)
+    if out == top or out.startswith(top + os.sep):
+        raise UserError(f"--output-dir {cfg.output_dir} is inside --data-dir {root}: the run's own files (its PNGs) "
+                        "would become a class; pick an --output-dir outside the image folder")
     base = ImageFolder(root)
     labels = np.array([target for _, target in base.samples])
     rng = np.random.RandomState(0)

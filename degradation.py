@@ -17,6 +17,7 @@ Run it again and finished networks are reused, an interrupted one resumes.
 """
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ import checkpoint
 import config
 import data
 import engine
+import files
 import plots
 
 NETS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -49,17 +51,28 @@ def train(net, seed, args, datasets):
     interrupted. Returns its results.yaml."""
     cfg = recipe(net, seed, args, len(datasets["train"]))
     done = os.path.join(cfg.output_dir, "results.yaml")
-    if os.path.exists(done):
+    last = os.path.join(cfg.output_dir, checkpoint.LAST)
+    resume = checkpoint.load(last) if os.path.exists(last) else None
+    if resume is not None:
+        changed = recipe_changes(resume["config"], cfg)
+        if changed:
+            raise config.UserError(f"{cfg.output_dir} holds a run of another recipe ({changed}); use another "
+                                   "--output-dir, or the budget it was run with")
+    if resume is not None and os.path.exists(done):
         engine.log(f"{net} seed {seed}: finished before, reusing {done}")
         with open(done) as f:
             return yaml.safe_load(f)
-    last = os.path.join(cfg.output_dir, checkpoint.LAST)
-    resume = checkpoint.load(last) if os.path.exists(last) else None
-    if resume is not None and resume["config"] != config.to_dict(cfg):
-        raise config.UserError(f"{cfg.output_dir} holds a run with another recipe; use another --output-dir")
     engine.log(f"== {net} seed {seed}" + (" (resuming)" if resume else ""))
     return engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume,
                       extra_state=dict(preprocess=data.cifar10_preprocess(cfg.normalize)))
+
+
+def recipe_changes(saved, cfg):
+    """What differs between a saved run's config and ``cfg``, beyond how it is executed
+    (config.RESUME_FREE), as "key saved -> new" text; "" when it is the same recipe."""
+    new = config.to_dict(cfg)
+    keys = [k for k in new if k not in config.RESUME_FREE and saved.get(k) != new[k]]
+    return ", ".join(f"{k} {saved.get(k)!r} -> {new[k]!r}" for k in keys)
 
 
 def read_history(out):
@@ -105,6 +118,9 @@ def main(argv=None):
     with config.user_errors():
         if not nets:
             raise config.UserError("--nets is empty; give comma-separated factory names, e.g. plain20,resnet20")
+        unknown = [n for n in nets if n not in models.MODELS]
+        if unknown:
+            raise config.UserError(f"--nets: unknown network(s) {', '.join(unknown)}; valid: {', '.join(models.MODELS)}")
         try:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
         except ValueError:
@@ -128,23 +144,23 @@ def main(argv=None):
                                  train_time_s=round(r["train_time_s"], 1)))
                 evidence = r
 
-    with open(os.path.join(args.output_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    header = (f"Evidence: Paddle {evidence.get('paddle_version')}, {evidence.get('device')}, seeds "
-              f"{','.join(map(str, seeds))}; per network the mean (min..max) over the seeds; command: "
-              f"python degradation.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    lines = summary_table(rows, header)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    n_train = args.subset or 45000
-    plots.plot_degradation(os.path.join(args.output_dir, "degradation.png"), histories,
-                           f"CIFAR-10, {n_train} training images, {args.epochs} epochs, batch {args.batch_size}, "
-                           f"seeds {','.join(map(str, seeds))}; dashed: training error, solid: held-out "
-                           f"({args.val_size} val images) error")
-    print("\n".join(lines))
-    print(f"wrote {args.output_dir}/degradation.png, results.csv, results.md")
+        files.write_text(os.path.join(args.output_dir, "results.csv"), table.getvalue())
+        header = (f"Evidence: Paddle {evidence.get('paddle_version')}, {evidence.get('device')}, seeds "
+                  f"{','.join(map(str, seeds))}; per network the mean (min..max) over the seeds; command: "
+                  f"python degradation.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+        lines = summary_table(rows, header)
+        files.write_text(os.path.join(args.output_dir, "results.md"), "\n".join(lines) + "\n")
+        n_train = args.subset or 45000
+        plots.plot_degradation(os.path.join(args.output_dir, "degradation.png"), histories,
+                               f"CIFAR-10, {n_train} training images, {args.epochs} epochs, batch {args.batch_size}, "
+                               f"seeds {','.join(map(str, seeds))}; dashed: training error, solid: held-out "
+                               f"({args.val_size} val images) error")
+        print("\n".join(lines))
+        print(f"wrote {args.output_dir}/degradation.png, results.csv, results.md")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ import warnings
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-import yaml
 
 import checkpoint
 import config
 import data
 import device as devices
+import files
 import launch
 import metrics
+import models
 import onednn_conv
 from checkpoint import as_number
 from config import UserError
@@ -34,7 +35,10 @@ warnings.filterwarnings("ignore", message="When training, we now always track")
 
 def log(*args):
     if launch.rank() == 0:  # under launch, only rank 0 prints
-        print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
+        try:
+            print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
+        except BrokenPipeError:  # `train_cifar10.py | head` closed our stdout: train on, say nothing
+            config.quiet_stdout()
 
 
 # ------------------------------------------------------------- optimizer, schedule
@@ -170,12 +174,23 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
 
     model/parameters: a prepared model (fine-tuning) and the parameters to train;
     by default the model cfg names, all parameters. extra_state: saved in checkpoints.
-    Returns the dict written to results.yaml.
+    Returns the dict written to results.yaml. The run directory is locked meanwhile (one
+    writer per run; files.lock).
     """
-    # set up
     device, world, me, plan = set_up(cfg)
+    checkpoint.prepare_run_dir(cfg.output_dir, resuming=resume_state is not None, writer=me == 0)
+    try:
+        return train_and_report(cfg, datasets, class_names, device, world, me, plan, resume_state, model,
+                                parameters, extra_state)
+    finally:
+        files.unlock(cfg.output_dir)
+
+
+def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume_state, model, parameters,
+                     extra_state):
+    """fit's body, in the locked run directory: set up, restore, wrap for training, loop over epochs, report."""
+    # set up
     out = cfg.output_dir
-    checkpoint.prepare_run_dir(out, resuming=resume_state is not None)
     board = metrics.visualdl_writer(cfg, me)  # before anything is written: a missing VisualDL stops here
     seed_everything(cfg.seed)  # the model's initial weights
     model = model if model is not None else checkpoint.build_model(cfg, len(class_names))
@@ -187,13 +202,16 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     # restore
     run = checkpoint.RunState()
     if resume_state is not None:
+        check_same_classes(resume_state, class_names, cfg)
         run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
+        if me == 0:
+            repair_record(cfg, resume_state, run)
         log_resumed(cfg, run, sched, batches.per_epoch)
     # wrap for training: ``model`` stays the plain network, checkpoints are written from it
     conv = choose_conv(model, cfg, device)
     train_net, opt = wrap_for_training(model, opt, cfg, world)
     if me == 0:
-        config.save_yaml(cfg, os.path.join(out, "config.yaml"))
+        files.write_yaml(os.path.join(out, "config.yaml"), config.to_dict(cfg))
     log_start(cfg, parameters, device, world, datasets, batches.per_epoch, opt)
     val_loader = eval_loader(cfg, val_set, world, me)
 
@@ -203,7 +221,7 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             checkpoint.save_run(out, state, improved)
     # loop over epochs
     run_start, epoch_times = time.time(), []
-    previous = signal.signal(signal.SIGTERM, terminate)  # schedulers, timeout, docker stop: like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, config.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
     try:
         for epoch in range(run.epoch, cfg.epochs):
             if cfg.max_iters and run.iteration >= cfg.max_iters:
@@ -225,10 +243,15 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
             epoch_times.append(row["epoch_time_s"])
             log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
     except KeyboardInterrupt as stop:
+        ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not break the save below
         # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
         if run.step > 0 and world == 1 and np.isfinite(as_number(run.loss_sum)):
             save()
         exit_stopped(stop, out)
+    except MemoryError:
+        raise UserError(f"out of memory training {cfg.model} at --batch-size {cfg.batch_size}: try "
+                        f"--batch-size {max(cfg.batch_size // 2, 1)}" + (f" (the last checkpoint, {out}, is kept; "
+                        f"--resume cannot change the batch: start a new run)" if run.epoch else ""))
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         if board is not None:
@@ -237,8 +260,14 @@ def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=No
     log(f"training done in {format_seconds(time.time() - run_start)}")
     if world > 1:
         log_replicas(model, world)
-    return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run, world,
-                        me, evidence(cfg, device, world, conv))
+    try:
+        return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run,
+                            world, me, evidence(cfg, device, world, conv))
+    except KeyboardInterrupt as stop:
+        log(f"\n{'terminated' if isinstance(stop, config.Terminated) else 'interrupted'} during the final report: "
+            f"the training is finished and saved in {os.path.join(out, checkpoint.LAST)}; "
+            f"--resume {out} writes the report")
+        sys.exit(config.stop_code(stop))
 
 
 def set_up(cfg):
@@ -250,6 +279,9 @@ def set_up(cfg):
     plan = devices.training_plan(cfg, paddle.__version__, device, cap, world)
     if plan["cudnn_deterministic"]:
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
+    if device == "cpu" and models.KEEPS_FREED_MEMORY:
+        log("memory: freed memory stays in this process for the next step (no page faults; RESNET_MALLOC=system "
+            "gives it back)")
     if data.shm_too_small(cfg.num_workers):
         log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
     return device, world, me, plan
@@ -265,10 +297,36 @@ def log_resumed(cfg, run, sched, iters_per_epoch):
 
 def exit_stopped(stop, out):
     """After Ctrl-C or SIGTERM: say where the checkpoint is, exit 130 (143 for SIGTERM)."""
-    where, how = os.path.join(out, checkpoint.LAST), "terminated" if isinstance(stop, Terminated) else "interrupted"
+    where = os.path.join(out, checkpoint.LAST)
+    how = "terminated" if isinstance(stop, config.Terminated) else "interrupted"
     log(f"\n{how}: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
-        else f"\n{how} before the first step: nothing to save")
-    sys.exit(143 if isinstance(stop, Terminated) else 130)
+        else f"\n{how} before the first step: nothing saved yet")
+    sys.exit(config.stop_code(stop))
+
+
+def ignore_stop_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def check_same_classes(state, class_names, cfg):
+    """A resumed run trains on the classes it started with: a data folder whose classes
+    differ would continue training under the old names (a silent relabel)."""
+    saved = list(state["class_names"])
+    if saved != list(class_names):
+        where = f"--data-dir {cfg.data_dir}" if getattr(cfg, "data_dir", "") else "the data"
+        raise UserError(f"{where} has the classes {', '.join(class_names)}, the run was trained on "
+                        f"{', '.join(saved)}; --resume cannot change the classes: point --data-dir at the run's "
+                        "images, or start a new run")
+
+
+def repair_record(cfg, state, run):
+    """What a kill at any instant may have left half-done, made consistent with the last
+    checkpoint: BEST (checkpoint.repair_run), metrics.csv and curves.png rewritten from its
+    history (results.yaml cannot be stale: checkpoint.save_run removes it first)."""
+    checkpoint.repair_run(cfg.output_dir, state)
+    if run.history:
+        metrics.write_record(cfg, run.history)
 
 
 def log_replicas(model, world):
@@ -283,14 +341,6 @@ def evidence(cfg, device, world, conv="paddle"):
     """What a result rests on (airbench's habit): Paddle version, device, convolutions, seed, command."""
     return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}", conv=conv,
                 seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is: the run saves where it is and exits."""
-
-
-def terminate(signum, frame):
-    raise Terminated()
 
 
 def seed_everything(seed):
@@ -419,8 +469,6 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, me=0, evidence
     result.update(evidence or {})
     if me != 0:
         return result
-    with checkpoint.replacing(os.path.join(out, "results.yaml")) as tmp:  # marks a finished run
-        with open(tmp, "w") as f:
-            yaml.safe_dump({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}, f,
-                           sort_keys=False)
+    files.write_yaml(os.path.join(out, checkpoint.RESULTS),  # marks a finished run
+                     {k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()})
     return result

@@ -10,6 +10,7 @@ images/s; saves the confusion matrix as a PNG next to the checkpoint.
 import argparse
 import json
 import os
+import sys
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
 import checkpoint
@@ -20,7 +21,7 @@ import plots
 import predictors
 
 
-def eval_split(cfg, args):
+def eval_split(cfg, args, class_names):
     """The dataset ``args.split`` of the run ``cfg`` was trained on (or of --data-file / --data-dir)."""
     if isinstance(cfg, config.FinetuneConfig):
         if args.split == "test":
@@ -30,7 +31,11 @@ def eval_split(cfg, args):
             raise config.UserError("--data-file is for CIFAR-10 checkpoints; a fine-tuning run takes --data-dir")
         if args.data_dir:
             cfg = config.make_config({"data_dir": args.data_dir}, base=cfg)
-        return data.image_folder_splits(cfg)[0]["val"]
+        splits, classes, _ = data.image_folder_splits(cfg)
+        if classes != list(class_names):
+            raise config.UserError(f"--data-dir {cfg.data_dir} has the classes {', '.join(classes)}; the checkpoint "
+                                   f"was trained on {', '.join(class_names)}: evaluate it on a folder of those classes")
+        return splits["val"]
     if args.data_dir:
         raise config.UserError("--data-dir is for fine-tuning checkpoints; a CIFAR-10 checkpoint takes --data-file")
     if args.data_file:
@@ -67,8 +72,8 @@ def main(argv=None):
         predictor = predictors.CheckpointPredictor(path, args.device, state=state)
         cfg, model = predictor.cfg, predictor.model
         args.split = args.split or ("val" if isinstance(cfg, config.FinetuneConfig) else "test")
-        dataset = eval_split(cfg, args)
         class_names = state["class_names"]
+        dataset = eval_split(cfg, args, class_names)
         if args.inference:
             import tempfile
             import paddle
@@ -86,28 +91,41 @@ def main(argv=None):
         r = engine.evaluate(model, loader, len(class_names))
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")
-    plots.plot_confusion(png, r["confusion"], class_names,
-                         f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],
                   path="paddle.inference" if args.inference else "dygraph",
                   top1=r["top1"], top5=r["top5"], loss=r["loss"], images_per_s=r["images_per_s"],
                   per_class=dict(zip(class_names, r["per_class"])), confusion=r["confusion"].tolist(),
                   confusion_png=png)
-    if args.json:
-        print(json.dumps(result))
-        return result
-    print(f"{cfg.model} (epoch {state['epoch']}) on {args.split}: {r['n']} images")
-    print(f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s")
-    print("per-class accuracy:")
-    for name, acc in zip(class_names, r["per_class"]):
-        print(f"  {name:<12} {acc:.4f}")
-    width = max(6, max(len(str(v)) for v in r["confusion"].ravel()) + 1)
-    print("confusion matrix (rows: true, columns: predicted):")
-    print(" " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in class_names))
-    for name, row in zip(class_names, r["confusion"]):
-        print(f"  {name:<10}" + "".join(f"{v:>{width}}" for v in row))
-    print(f"saved {png}")
+    with config.user_errors():  # the figures first, then the picture: a failed save loses nothing printed
+        print_result(result, args.json)
+        try:
+            plots.plot_confusion(png, r["confusion"], class_names,
+                                 f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
+            if not args.json:
+                print(f"saved {png}")
+        except config.UserError as e:
+            result["confusion_png"] = None
+            print(f"warning: {e}; the results above are complete", file=sys.stderr)
     return result
+
+
+def print_result(result, as_json):
+    if as_json:
+        print(json.dumps(result), flush=True)
+        return
+    names, confusion = list(result["per_class"]), result["confusion"]
+    print(f"{result['model']} (epoch {result['epoch']}) on {result['split']}: {result['n']} images")
+    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  "
+          f"{result['images_per_s']:.1f} img/s")
+    print("per-class accuracy:")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<12} {acc:.4f}")
+    width = max(6, max(len(str(v)) for row in confusion for v in row) + 1)
+    print("confusion matrix (rows: true, columns: predicted):")
+    print(" " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in names))
+    for name, row in zip(names, confusion):
+        print(f"  {name:<10}" + "".join(f"{v:>{width}}" for v in row))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

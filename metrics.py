@@ -5,7 +5,7 @@ curves.png, and, with --visualdl, VisualDL scalars (AI Studio's visualisation pa
 import csv
 import os
 
-import checkpoint
+import files
 import plots
 from config import UserError
 
@@ -34,17 +34,22 @@ FIELDS = ["epoch", "iteration", "lr", "train_loss", "train_acc", "val_loss", "va
 
 
 def write_metrics(path, history):
-    with checkpoint.replacing(path) as tmp:
+    with files.replacing(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
             writer.writerows(history)
 
 
-def record_epoch(cfg, history, board):
-    """metrics.csv, curves.png and the VisualDL epoch scalars after an epoch (rank 0)."""
+def write_record(cfg, history):
+    """metrics.csv and curves.png of ``history`` (every finished epoch), both written anew."""
     write_metrics(os.path.join(cfg.output_dir, "metrics.csv"), history)
     plots.plot_curves(os.path.join(cfg.output_dir, "curves.png"), history, title=cfg.model)
+
+
+def record_epoch(cfg, history, board):
+    """metrics.csv, curves.png and the VisualDL epoch scalars after an epoch (rank 0)."""
+    write_record(cfg, history)
     row = history[-1]
     write_scalars(board, "epoch", {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")},
                   row["epoch"])

@@ -4,9 +4,7 @@ Each function draws into a new matplotlib figure, saves it as a PNG when given a
 (written to a temporary file and renamed, so a reader never sees half a picture) and
 returns the figure, so a notebook can show it inline.
 """
-import os
-
-from config import UserError
+import files
 
 
 def pyplot():
@@ -19,17 +17,13 @@ def pyplot():
 
 
 def _save(fig, path, dpi=80):
-    """Save ``fig`` to ``path`` (if any) and close it: a closed figure still shows in a
-    notebook when returned, and a loop that plots every epoch does not pile figures up."""
+    """Save ``fig`` to ``path`` (if any; atomically, files.replacing) and close it: a closed
+    figure still shows in a notebook when returned, and a loop that plots every epoch does
+    not pile figures up."""
     try:
         if path:
-            tmp = path + ".tmp.png"
-            fig.savefig(tmp, dpi=dpi)
-            os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space")
+            with files.replacing(path) as tmp:
+                fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         pyplot().close(fig)
     return fig

@@ -93,6 +93,8 @@ def main(argv=None):
                 print(json.dumps(dict(file=path, top=[dict(label=c, prob=p) for c, p in top])), flush=True)
             else:
                 print(f"{path}: " + ", ".join(f"{c} {p:.4f}" for c, p in top), flush=True)
+        if not results:
+            raise config.UserError(f"none of the {len(files)} image files in {args.path} could be read as an image")
     return results
 
 

@@ -18,6 +18,8 @@ import re
 import shutil
 import site
 import sys
+import tempfile
+import time
 import types
 import warnings
 
@@ -105,35 +107,88 @@ def output_to(path):
                 os.close(fd)
 
 
+BUILD_WAIT_S = 300  # how long a build waits for another process's build of the same folder
+
+
+def cache_root():
+    """$ONEDNN_CONV_CACHE, or ~/.cache/resnet-paddle when it is unset or empty."""
+    return os.environ.get("ONEDNN_CONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle")
+
+
 def build_dir(include_dir):
     """One cache folder per (Paddle version, source, headers): a change to any rebuilds."""
     digest = hashlib.sha1()
     digest.update(paddle.__version__.encode())
     digest.update(open(SOURCE, "rb").read())
     digest.update(include_dir.encode())
-    root = os.environ.get("ONEDNN_CONV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle"))
-    return os.path.join(root, f"onednn_conv-{digest.hexdigest()[:12]}")
+    return os.path.join(cache_root(), f"onednn_conv-{digest.hexdigest()[:12]}")
+
+
+def shell_safe(path):
+    """``path``, or a symlink to it with a plain name: Paddle's builder runs shell commands
+    with the build folder unquoted, so a folder with a space (or any shell character)
+    never builds as it is."""
+    if re.fullmatch(r"[\w./+-]+", path):
+        return path
+    link = os.path.join(tempfile.gettempdir(), "onednn_conv-" + hashlib.sha1(path.encode()).hexdigest()[:12])
+    if os.path.realpath(link) != os.path.realpath(path):
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(path, link)
+    return link
+
+
+@contextlib.contextmanager
+def build_lock(out):
+    """One build of ``out`` at a time (ranks of one launch build once, not over each other).
+    A holder that never lets go (a stopped process) is one line after BUILD_WAIT_S, naming it."""
+    path = os.path.join(out, ".lock")
+    with open(path, "a+") as lock:
+        if fcntl is not None:
+            deadline = time.monotonic() + BUILD_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        lock.seek(0)
+                        holder = lock.read().strip() or "unknown"
+                        raise Unavailable(f"the build folder {out} is locked by process {holder} for over "
+                                          f"{BUILD_WAIT_S} s (a build that hangs, or a stopped process: end it)")
+                    time.sleep(0.2)
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
+        yield
 
 
 def compile_op():
-    """Build (or load from the cache) the operator. Raises Unavailable."""
+    """Build (or load from the cache) the operator. Raises Unavailable. A cached build that
+    does not load (a truncated library, say) is removed and built again, once."""
     if not shutil.which(os.environ.get("CXX", "c++")):
         raise Unavailable("no C++ compiler on this machine (install g++)")
     include_dir = find_headers(library_version())
     out = build_dir(include_dir)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".lock"), "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # ranks of one launch build once, not over each other
-        with output_to(os.path.join(out, "build.log")):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise Unavailable(f"the build folder {out} cannot be made ({e.strerror or e}); set ONEDNN_CONV_CACHE")
+    with build_lock(out), output_to(os.path.join(out, "build.log")):
+        from paddle.utils import cpp_extension
+        for attempt in range(2):
             try:
-                from paddle.utils import cpp_extension
                 return cpp_extension.load(
                     name="onednn_conv_op", sources=[SOURCE], extra_include_paths=[include_dir],
-                    extra_cxx_cflags=["-O2"], build_directory=out,
+                    extra_cxx_cflags=["-O2"], build_directory=shell_safe(out),
                     extra_ldflags=[f"-L{PADDLE_LIBS}", "-l:libdnnl.so.3", f"-Wl,-rpath,{PADDLE_LIBS}"])
-            except Exception:  # a compiler error: the details are in build.log
-                pass
+            except Exception:  # a compiler error (the details are in build.log), or a broken cached build
+                cached = os.path.join(out, "onednn_conv_op")
+                if attempt or not os.path.isdir(cached):
+                    break
+                print("the cached build does not load: building it again", flush=True)
+                shutil.rmtree(cached)
     raise Unavailable(f"the operator did not compile; the compiler's output is in {out}/build.log")
 
 

@@ -15,6 +15,7 @@ import paddle
 import pytest
 from PIL import Image
 
+import bench
 import checkpoint
 import data
 import degradation
@@ -44,9 +45,13 @@ def world(tmp_path_factory):
 
 
 def fingerprint(folder):
+    """sha256 of every file under ``folder`` (a run directory's lock file aside: it names the
+    last process that wrote the run)."""
     out = {}
     for dirpath, _, files in os.walk(folder):
         for f in files:
+            if f == ".lock":
+                continue
             path = os.path.join(dirpath, f)
             out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     return out
@@ -70,6 +75,18 @@ def damaged_archive(path, kind):
             member.size = len(raw)
             import io
             dst.addfile(member, io.BytesIO(raw))
+    return str(path)
+
+
+def text_file(path, raw):
+    open(path, "wb").write(raw)
+    return str(path)
+
+
+def folder_of_text(path):
+    os.makedirs(path)
+    for name in ("a.jpg", "b.png"):
+        open(os.path.join(path, name), "w").write("not a picture")
     return str(path)
 
 
@@ -180,6 +197,25 @@ CASES = [
      lambda w, t: ["--ckpt", str(w["run"]), "--output", str(w["exported"])], "already holds an export"),
     ("export to a file", export_script.main,
      lambda w, t: ["--ckpt", str(w["run"]), "--output", str(w["run"] / "config.yaml")], "is a file"),
+    ("resume into another output dir", train_cifar10.main,
+     lambda w, t: ["--resume", str(w["run"]), "--output-dir", str(t / "fork")], "continues the run where it is"),
+    ("recipe with a key twice", train_cifar10.main,
+     lambda w, t: ["--config", text_file(t / "r.yaml", b"lr: 0.1\nepochs: 3\nlr: 0.5\n")],
+     "'lr' is given twice, on lines 1 and 3"),
+    ("recipe not UTF-8", train_cifar10.main,
+     lambda w, t: ["--config", text_file(t / "r.yaml", b"lr: 0.1\n# caf\xe9\n")], "is not UTF-8 text"),
+    ("output dir inside the data dir", finetune.main,
+     lambda w, t: TUNE + ["--data-dir", w["folder"], "--output-dir", os.path.join(w["folder"], "runs")],
+     "is inside --data-dir"),
+    ("predict a folder of unreadable files", predict.main,
+     lambda w, t: ["--ckpt", str(w["run"]), folder_of_text(t / "junk")], "none of the 2 image files"),
+    ("bench zero steps", bench.main, lambda w, t: ["--steps", "0"], "--steps must be at least 1"),
+    ("bench batch 0", bench.main, lambda w, t: ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("bench unknown model", bench.main, lambda w, t: ["--model", "resnet19"], "--model resnet19: unknown"),
+    ("bench unknown impl in compare", bench.main, lambda w, t: ["--compare", "ours,tf"], "--compare 'ours,tf'"),
+    ("bench missing archive", bench.main,
+     lambda w, t: ["--pipeline", "--data-file", str(t / "none.tar.gz")], "no such file"),
+    ("degradation unknown net", degradation.main, lambda w, t: ["--nets", "plain20,resnet21"], "resnet21"),
     ("degradation no nets", degradation.main, lambda w, t: ["--nets", ","], "--nets is empty"),
     ("degradation zero epochs", degradation.main,
      lambda w, t: ["--epochs", "0", "--data-file", w["archive"], "--val-size", "40", "--output-dir", str(t / "d")],
@@ -284,7 +320,8 @@ def test_full_disk_while_saving_keeps_the_old_checkpoint_and_leaves_no_tmp(world
     with pytest.raises(SystemExit) as e:
         train_cifar10.main(["--resume", str(run), "--epochs", "3"])
     assert str(e.value.code).startswith("error: could not write") and "No space left" in str(e.value.code)
-    assert not list(run.glob("*.tmp")) and fingerprint(run)["last.pdckpt"] == before["last.pdckpt"]
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    assert fingerprint(run)["last.pdckpt"] == before["last.pdckpt"]
 
 
 def test_sigterm_saves_like_ctrl_c_and_resumes(world, tmp_path):

@@ -31,3 +31,9 @@ def test_degradation_outputs_seeds_and_reuse(tmp_path, capsys):
     assert "plain20 seed 0: finished before" in log and "resnet20 seed 1: finished before" in log
     assert os.path.getmtime(out / "resnet20" / "seed1" / "last.pdckpt") == stamp
     assert (out / "results.md").read_text().splitlines() == table
+    # the same directory with another budget: refused, not the old results under the new title
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        degradation.main([a if a != "2" else "3" for a in args])
+    assert str(e.value.code).startswith("error: ") and "holds a run of another recipe (epochs 2 -> 3" in str(e.value.code)
+    assert (out / "results.md").read_text().splitlines() == table

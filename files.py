@@ -1,0 +1,109 @@
+"""Writing files so that nothing is ever half-written or written by two processes at once:
+the atomic replace every saved file goes through, and the lock of a run directory.
+"""
+import contextlib
+import errno
+import glob
+import os
+import tempfile
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a run directory is then not locked
+    fcntl = None
+
+from config import UserError
+
+LOCK = ".lock"
+_held = {}  # run directory -> the open lock file, held until unlock() or the end of this process
+
+
+def why_not_written(path, error):
+    """One line for an OSError met while writing ``path``, with the fix that fits it."""
+    why = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        why += ": free some disk space"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why += f": make {os.path.dirname(os.path.abspath(path))} writable"
+    return f"could not write {path} ({why})"
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yield a temporary path beside ``path`` to write; then move it onto ``path``
+    atomically, so a crash never leaves half a file. The temporary name is unique (two
+    processes writing one file never share it). A failed write (a full disk, a read-only
+    folder) removes the temporary file, leaves ``path`` as it was and is one UserError."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise UserError(why_not_written(path, e) + "; what was saved before is intact")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(why_not_written(path, e) + "; what was saved before is intact")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    with replacing(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+
+
+def write_yaml(path, values):
+    """``values`` (a dict) as YAML at ``path``, atomically, in the order given."""
+    import yaml
+    with replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            yaml.safe_dump(values, f, sort_keys=False)
+
+
+def remove_leftovers(folder):
+    """Temporary files a killed process left in ``folder`` (call it holding the lock)."""
+    for tmp in glob.glob(os.path.join(folder, ".*.tmp")):
+        os.remove(tmp)
+
+
+def lock(folder):
+    """Hold ``folder``'s lock until ``unlock(folder)`` (the kernel releases it when the
+    process dies, kill -9 included): one writer per run directory. A second process gets
+    one line naming the first one's pid. Raises UserError when the folder is not writable."""
+    if fcntl is None or folder in _held:
+        return
+    path = os.path.join(folder, LOCK)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"--output-dir {folder} is not writable ({e.strerror or e}); make it writable or pick another")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{folder} is in use by another process (pid {holder}); wait for it to end or stop it, "
+                        "then run again")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _held[folder] = f
+    try:  # the lock file may be writable where the folder is not: try a new file too
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--output-dir {folder} is not writable ({e.strerror or e}); make it writable or pick "
+                        "another --output-dir")
+
+
+def unlock(folder):
+    held = _held.pop(folder, None)
+    if held is not None:
+        held.close()  # closing the file releases the lock

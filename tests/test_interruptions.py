@@ -1,0 +1,362 @@
+"""A run against interruptions and shared-machine accidents: two processes on one run, a
+kill at every write, signals in every phase, closed pipes, read-only folders, the
+operator's build cache, and images as people have them."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import checkpoint
+import data
+import engine
+import eval as eval_script
+import files
+import finetune
+import onednn_conv
+import predict
+import train_cifar10
+from helpers import make_cifar_archive, make_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_cifar_archive(tmp_path_factory.mktemp("data") / "c.tar.gz", n_train=200, n_test=40)
+
+
+def script(name, *args):
+    return [sys.executable, "-u", os.path.join(ROOT, name), *map(str, args)]
+
+
+def hooked(setup, name, *args):
+    """A command that runs ``setup`` (Python, a hook such as a slow phase) and then the script's main."""
+    module = name[:-3]
+    # Ctrl-C as in a terminal's foreground, also when the tests run in a background job (whose
+    # children start with SIGINT ignored, and Python then leaves it ignored)
+    code = (f"import signal, sys; sys.path.insert(0, {ROOT!r}); signal.signal(signal.SIGINT, signal.default_int_handler)"
+            f"\nimport models, {module}\n{setup}\n{module}.main(sys.argv[1:])")
+    return [sys.executable, "-u", "-c", code, *map(str, args)]
+
+
+def start(cmd, **kw):
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def wait_for(proc, marker, lines):
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"{marker!r} never came:\n" + "".join(lines))
+
+
+def finish(proc, lines, timeout=120):
+    rest, _ = proc.communicate(timeout=timeout)
+    return "".join(lines) + rest
+
+
+# --------------------------------------------------------------- one writer per run
+def test_a_second_process_on_a_run_is_refused_naming_the_first(archive, tmp_path):
+    out = tmp_path / "run"
+    train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(out)])
+    holder = start([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import files, time; "
+                    f"files.lock({str(out)!r}); print('locked', flush=True); time.sleep(60)"])
+    wait_for(holder, "locked", [])
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_cifar10.main(["--resume", str(out), "--epochs", "2"])
+        assert str(e.value.code) == (f"error: {out} is in use by another process (pid {holder.pid}); wait for it "
+                                     "to end or stop it, then run again")
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock with it
+        holder.wait()
+    train_cifar10.main(["--resume", str(out), "--epochs", "2"])
+    assert checkpoint.load(str(out))["epoch"] == 2
+
+
+def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
+    path = str(tmp_path / "confusion.png")
+    with files.replacing(path) as a, files.replacing(path) as b:
+        assert a != b
+        open(a, "w").write("a")
+        open(b, "w").write("b")
+    assert open(path).read() in "ab" and os.listdir(tmp_path) == ["confusion.png"]
+
+
+# --------------------------------------------------------------- a kill at any write
+class Killed(BaseException):
+    """kill -9 as a test can have it: nothing of ours catches it."""
+
+
+def test_a_kill_at_every_write_leaves_a_run_that_resume_finishes_consistently(archive, tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "2", "--data-file", archive]
+    train_cifar10.main(args + ["--output-dir", str(tmp_path / "whole")])
+    whole = checkpoint.load(str(tmp_path / "whole" / "last.pdckpt"))["model"]
+    real = files.replacing
+    writes = []
+
+    def counting(path):
+        writes.append(os.path.basename(path))
+        if len(writes) == kill_at:
+            raise Killed(path)
+        return real(path)
+    monkeypatch.setattr(files, "replacing", counting)
+    monkeypatch.setattr(checkpoint, "replacing", counting)
+    kill_at = 0
+    train_cifar10.main(args + ["--output-dir", str(tmp_path / "count")])
+    total, names = len(writes), list(writes)
+    assert {"config.yaml", "last.pdckpt", "best.pdckpt", "metrics.csv", "curves.png", "results.yaml"} <= set(names)
+    for kill_at in range(1, total + 1):
+        out, writes[:] = tmp_path / f"k{kill_at}", []
+        with pytest.raises(Killed):
+            train_cifar10.main(args + ["--output-dir", str(out)])
+        writes[:] = [None] * total  # no more kills
+        if not (out / "last.pdckpt").exists():  # killed before the first checkpoint: a new run starts over
+            shutil.rmtree(out)
+            train_cifar10.main(args + ["--output-dir", str(out)])
+        else:
+            train_cifar10.main(["--resume", str(out)])
+        results = yaml.safe_load(open(out / "results.yaml"))
+        assert checkpoint.load(str(out / "best.pdckpt"))["epoch"] == results["best_epoch"], names[kill_at - 1]
+        rows = list(csv.DictReader(open(out / "metrics.csv")))
+        assert [r["epoch"] for r in rows] == ["1", "2"] and (out / "curves.png").stat().st_size > 0
+        assert not list(out.glob(".*.tmp"))
+        last = checkpoint.load(str(out / "last.pdckpt"))["model"]
+        for k in whole:  # exactly the uninterrupted run
+            np.testing.assert_array_equal(np.asarray(last[k]), np.asarray(whole[k]), err_msg=f"{names[kill_at - 1]} {k}")
+
+
+# ------------------------------------------------------------ signals in every phase
+def test_sigterm_while_the_archive_loads_is_one_line(archive, tmp_path):
+    slow = "import data, time; load = data.load_cifar10\n" \
+           "data.load_cifar10 = lambda *a: (print('LOADING', flush=True), time.sleep(30), load(*a))[2]"
+    proc = start(hooked(slow, "train_cifar10.py", *TINY, "--data-file", archive, "--output-dir", tmp_path / "o"))
+    lines = []
+    wait_for(proc, "LOADING", lines)
+    proc.send_signal(signal.SIGTERM)
+    text = finish(proc, lines)
+    assert proc.returncode == 143, text
+    assert text.strip().splitlines()[-1] == "terminated: nothing was saved" and "Traceback" not in text
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_the_position(archive, tmp_path):
+    out = tmp_path / "run"
+    proc = start(script("train_cifar10.py", *TINY, "--num-workers", "2", "--epochs", "50", "--data-file", archive,
+                        "--output-dir", out), start_new_session=True)
+    lines = []
+    wait_for(proc, "epoch 2 step 2/", lines)
+    os.killpg(proc.pid, signal.SIGTERM)  # what timeout, Slurm and docker stop send
+    text = finish(proc, lines)
+    assert proc.returncode == 143, text
+    for noise in ("Traceback", "FatalError", "SystemError", "killed by signal"):
+        assert noise not in text, text
+    assert f"terminated: checkpoint in {out / 'last.pdckpt'}; continue with --resume {out}" in text
+    state = checkpoint.load(str(out))
+    assert state["epoch"] == 1 and state["progress"]["step"] >= 2
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_second_sigterm_while_the_interrupt_checkpoint_is_written(archive, tmp_path):
+    slow = "import checkpoint, time; save = checkpoint.save\n" \
+           "def slow(path, state):\n    print('SAVING', flush=True); time.sleep(3); save(path, state)\n" \
+           "checkpoint.save = slow"
+    out = tmp_path / "run"
+    proc = start(hooked(slow, "train_cifar10.py", *TINY, "--epochs", "50", "--data-file", archive, "--output-dir", out))
+    lines = []
+    wait_for(proc, "epoch 1 step 2/", lines)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(proc, "SAVING", lines)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    text = finish(proc, lines)
+    assert proc.returncode == 143 and "terminated: checkpoint in" in text and "Traceback" not in text, text
+    assert checkpoint.load(str(out))["progress"]["step"] >= 2 and not list(out.glob(".*.tmp"))
+
+
+def test_ctrl_c_during_the_final_report_and_resume_writes_it(archive, tmp_path):
+    slow = "import engine, time; report = engine.final_report\n" \
+           "def slow(*a, **k):\n    print('REPORT', flush=True); time.sleep(30); return report(*a, **k)\n" \
+           "engine.final_report = slow"
+    out = tmp_path / "run"
+    proc = start(hooked(slow, "train_cifar10.py", *TINY, "--epochs", "1", "--data-file", archive, "--output-dir", out))
+    lines = []
+    wait_for(proc, "REPORT", lines)
+    proc.send_signal(signal.SIGINT)
+    text = finish(proc, lines)
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    assert (f"interrupted during the final report: the training is finished and saved in {out / 'last.pdckpt'}; "
+            f"--resume {out} writes the report") in text
+    assert not (out / "results.yaml").exists()
+    train_cifar10.main(["--resume", str(out)])
+    assert yaml.safe_load(open(out / "results.yaml"))["epochs"] == 1
+
+
+# ---------------------------------------------------------- no silent fork or relabel
+def test_a_fine_tuning_resume_refuses_other_classes(tmp_path):
+    tune = ["--model", "resnet20", "--stem", "cifar", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--num-workers", "0",
+            "--pretrained", "none"]
+    folder = make_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    finetune.main(tune + ["--data-dir", folder, "--output-dir", str(out)])
+    other = make_image_folder(tmp_path / "other", classes=("cats", "dogs", "bats"))
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--resume", str(out), "--epochs", "2", "--data-dir", other])
+    assert "has the classes bats, cats, dogs, the run was trained on cats, dogs, owls" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:  # evaluation refuses them too
+        eval_script.main(["--ckpt", str(out), "--data-dir", other, "--num-workers", "0"])
+    assert "has the classes bats, cats, dogs; the checkpoint was trained on cats, dogs, owls" in str(e.value.code)
+
+
+# ----------------------------------------------------------------- file-system accidents
+def test_a_read_only_run_directory_stops_before_training(archive, tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+    real = tempfile.mkstemp
+    out = tmp_path / "ro"
+
+    def read_only(*a, dir=None, **k):  # as root, chmod does not stop us: the file system says no
+        if dir is not None and os.path.abspath(dir) == str(out):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(SystemExit) as e:
+        train_cifar10.main(TINY + ["--data-file", archive, "--output-dir", str(out)])
+    assert str(e.value.code) == f"error: --output-dir {out} is not writable (Permission denied); make it writable " \
+                                "or pick another --output-dir"
+    assert "step" not in capsys.readouterr().out  # nothing trained
+
+
+def test_eval_prints_its_results_when_the_picture_cannot_be_saved(archive, tmp_path, monkeypatch, capsys):
+    import plots
+    out = tmp_path / "run"
+    train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(out)])
+    capsys.readouterr()
+
+    def refuse(path, *a, **k):
+        raise data.UserError(f"could not write {path} (Permission denied: make {out} writable)")
+    monkeypatch.setattr(plots, "plot_confusion", refuse)
+    result = eval_script.main(["--ckpt", str(out), "--num-workers", "0"])
+    captured = capsys.readouterr()
+    assert f"top-1 {result['top1']:.4f}" in captured.out and result["confusion_png"] is None
+    assert captured.err.startswith("warning: could not write") and "the results above are complete" in captured.err
+
+
+# ----------------------------------------------------------------- output elsewhere
+def test_a_closed_stdout_never_stops_training_and_ends_a_prediction_quietly(archive, tmp_path):
+    out = tmp_path / "run"
+    cmd = " ".join(script("train_cifar10.py", *TINY, "--epochs", "2", "--data-file", archive, "--output-dir", out))
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", f"{cmd} | head -1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert yaml.safe_load(open(out / "results.yaml"))["epochs"] == 2  # trained to the end
+    folder = make_image_folder(tmp_path / "imgs", per_class=12)
+    cmd = " ".join(script("predict.py", "--ckpt", out, folder, "--batch-size", "4"))
+    done = subprocess.run(["bash", "-c", f"{cmd} | head -1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr and "Broken" not in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------ the operator's cache
+def test_an_empty_cache_variable_means_the_default(monkeypatch):
+    monkeypatch.setenv("ONEDNN_CONV_CACHE", "")
+    assert onednn_conv.cache_root() == os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle")
+
+
+def test_a_cache_path_with_a_space_is_built_through_a_plain_link(tmp_path):
+    spaced = tmp_path / "my cache" / "onednn_conv-x"
+    spaced.mkdir(parents=True)
+    link = onednn_conv.shell_safe(str(spaced))
+    assert " " not in link and os.path.realpath(link) == str(spaced.resolve())
+    assert onednn_conv.shell_safe("/plain/path-1.2") == "/plain/path-1.2"
+
+
+def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, monkeypatch):
+    holder = start([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import onednn_conv, time\n"
+                    f"with onednn_conv.build_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"])
+    wait_for(holder, "held", [])
+    os.kill(holder.pid, signal.SIGSTOP)
+    monkeypatch.setattr(onednn_conv, "BUILD_WAIT_S", 1)
+    try:
+        start_time = time.monotonic()
+        with pytest.raises(onednn_conv.Unavailable, match=f"locked by process {holder.pid} for over 1 s"):
+            with onednn_conv.build_lock(str(tmp_path)):
+                pass
+        assert time.monotonic() - start_time < 10
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.skipif(onednn_conv.load()[0] is None, reason="the operator does not build here")
+def test_a_truncated_library_in_the_cache_is_rebuilt_once(tmp_path):
+    cache = tmp_path / "with space"
+    shutil.copytree(onednn_conv.cache_root(), cache, symlinks=True)
+    library = next(cache.glob("onednn_conv-*/onednn_conv_op/onednn_conv_op.so"))
+    library.write_bytes(library.read_bytes()[:1000])
+    # in a process of its own: Paddle aborts when one process registers the operator twice
+    check = f"import sys; sys.path.insert(0, {ROOT!r}); import models, onednn_conv; print(onednn_conv.load())"
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, ONEDNN_CONV_CACHE=str(cache)))
+    assert done.stdout.strip().endswith(", None)"), done.stdout + done.stderr
+    assert library.stat().st_size > 100_000
+    assert "building it again" in next(cache.glob("onednn_conv-*/build.log")).read_text()
+
+
+# ------------------------------------------------------------------- images as people have them
+def test_a_phone_photo_is_seen_as_shown(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white as stored
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    shown = data.load_image(str(tmp_path / "phone.jpg"))
+    assert shown.size == (20, 40)  # portrait, as the phone shows it
+    top = np.asarray(shown)[:20].mean()
+    assert top > 200  # the stored left half is on top after the rotation
+
+
+def test_a_link_to_a_parent_or_another_class_is_followed_never(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs")
+    before = data.list_images(os.path.join(folder, "cats"))
+    os.symlink(folder, os.path.join(folder, "cats", "loop"))  # to the parent: forever
+    os.symlink(os.path.join(folder, "dogs"), os.path.join(folder, "cats", "dogs_too"))  # another class
+    os.makedirs(os.path.join(folder, "cats", "more"))
+    Image.new("RGB", (8, 8)).save(os.path.join(folder, "cats", "more", "x.png"))
+    os.symlink(os.path.join(folder, "cats", "more"), os.path.join(folder, "cats", "more_again"))  # walked twice
+    after = data.list_images(os.path.join(folder, "cats"))
+    assert len(after) == len(before) + 1
+    assert len(data.ImageFolder(folder)) == 3 * 8 + 1
+
+
+def test_out_of_memory_is_one_line_with_the_batch_size(archive, tmp_path, monkeypatch):
+    def no_memory(*a, **k):
+        raise MemoryError("(ResourceExhausted) Fail to alloc memory of 1099511627776 size")
+    monkeypatch.setattr(engine, "train_one_epoch", no_memory)
+    with pytest.raises(SystemExit) as e:
+        train_cifar10.main(TINY + ["--data-file", archive, "--output-dir", str(tmp_path / "o")])
+    assert str(e.value.code) == "error: out of memory training resnet20 at --batch-size 40: try --batch-size 20"
+
+
+def test_bench_without_torch_is_one_line(monkeypatch):
+    import builtins
+    import bench
+    real = builtins.__import__
+
+    def no_torch(name, *a, **k):
+        if name == "torch":
+            raise ImportError("No module named 'torch'")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--impl", "torch", "--model", "resnet20", "--steps", "1"])
+    assert str(e.value.code) == "error: --impl torch needs PyTorch, for comparison only: pip install torch==2.13.0"
