@@ -51,7 +51,7 @@ def paddle_model(impl, name, stem, num_classes):
             op, why_not = onednn_conv.load()
             if op is None:
                 raise UserError(f"--impl ours+onednn: {why_not}")
-            onednn_conv.use_in(model)
+            onednn_conv.use_in(model, ops=tuple(os.environ.get("ONEDNN_OPS", "conv,norm,join").split(",")))
         return model
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):
@@ -401,8 +401,11 @@ def run(argv=None):
         i = rest.index("--compare")
         rest = rest[:i] + rest[i + 2:]
         for impl in args.compare.split(","):
+            # PyTorch as it runs out of the box: glibc's malloc, OpenMP's own wait policy
+            # PyTorch as it runs out of the box: glibc's malloc as it is, OpenMP's own wait policy
+            env = dict(os.environ, RESNET_CPU_TUNING="off") if impl.startswith("torch") else None
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--impl", impl, "--json"],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             if proc.returncode or not line:
                 print(f"{impl:<14} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")

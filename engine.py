@@ -280,8 +280,8 @@ def set_up(cfg):
     if plan["cudnn_deterministic"]:
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
     if device == "cpu" and models.KEEPS_FREED_MEMORY:
-        log("memory: freed memory stays in this process for the next step (no page faults; RESNET_MALLOC=system "
-            "gives it back)")
+        log("memory: freed memory stays in this process for the next step (no page faults; RESNET_CPU_TUNING=off "
+            "gives it back and lets idle threads spin)")
     if data.shm_too_small(cfg.num_workers):
         log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
     return device, world, me, plan
@@ -379,7 +379,9 @@ def choose_conv(model, cfg, device):
     if op is None:
         log(f"notice: convolutions on Paddle's kernel ({why_not})")
         return "paddle"
-    log(f"convolutions: {onednn_conv.use_in(model)} layers on the oneDNN operator (onednn_conv/; --conv paddle for Paddle's)")
+    n = onednn_conv.use_in(model)
+    log(f"convolutions: {n['conv']} layers on the oneDNN operator, BatchNorm(+ReLU): {n['norm']}, residual joins: "
+        f"{n['join']} (onednn_conv/; --conv paddle for Paddle's)")
     return "onednn"
 
 

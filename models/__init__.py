@@ -20,6 +20,15 @@ def _cpu_vendor():
 #   (ResNet-18/CIFAR training on 2 cores: 23.7 img/s with 1 thread, 30.0 with 2).
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                              else os.cpu_count() or 1))
+# - Idle OpenMP threads sleep instead of spinning: this process runs two OpenMP runtimes
+#   (Paddle's MKL on libiomp5; oneDNN and onednn_conv/ on libgomp), each with a worker
+#   that spins after every parallel region, and on 2 cores the spinning worker of one
+#   takes the core the other needs (ResNet-20 training on onednn_conv/: 370 -> 620 img/s).
+# RESNET_CPU_TUNING=off leaves it, and the memory setting below, as they are (bench.py's
+# PyTorch rows run so, as PyTorch does out of the box).
+TUNED = os.environ.get("RESNET_CPU_TUNING", "on") != "off"
+if TUNED:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # - Paddle's bundled MKL takes a slow generic path on AMD processors; type 5 selects its
 #   AVX2 kernels (ResNet-18/CIFAR training 7.1 -> 9.8 img/s here; Paddle issue #75760).
 if _cpu_vendor() == "AuthenticAMD":
@@ -31,10 +40,9 @@ if _cpu_vendor() == "AuthenticAMD":
 #   50-80k minor page faults per ResNet-20 batch-128 step and 442k per ResNet-18 one, 16-20%
 #   of the process's CPU time in the kernel (counted with getrusage; README, Speed).
 #   No mmap for large blocks and no trimming keeps them for the next step; the cost is that
-#   the resident memory stays at its peak (README, Speed). RESNET_MALLOC=system leaves glibc
-#   as it is. Must run before Paddle allocates.
+#   the resident memory stays at its peak (README, Speed). Must run before Paddle allocates.
 def _keep_freed_memory():
-    if os.environ.get("RESNET_MALLOC", "keep") != "keep" or not sys.platform.startswith("linux"):
+    if not TUNED or not sys.platform.startswith("linux"):
         return False
     import ctypes
     try:

@@ -34,7 +34,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "conv.cc")
+SOURCES = [os.path.join(HERE, name) for name in ("conv.cc", "norm.cc")]
 HEADERS_PACKAGE = "onednn-devel-cpu-gomp==2023.2.0"  # oneDNN 3.2.0 headers, as requirements.txt here
 PADDLE_LIBS = os.path.join(os.path.dirname(paddle.__file__), "libs")
 
@@ -119,9 +119,20 @@ def build_dir(include_dir):
     """One cache folder per (Paddle version, source, headers): a change to any rebuilds."""
     digest = hashlib.sha1()
     digest.update(paddle.__version__.encode())
-    digest.update(open(SOURCE, "rb").read())
+    for source in SOURCES:
+        digest.update(open(source, "rb").read())
+    digest.update(cpu_flags().encode())  # built with -march=native: one build per kind of CPU
     digest.update(include_dir.encode())
     return os.path.join(cache_root(), f"onednn_conv-{digest.hexdigest()[:12]}")
+
+
+def cpu_flags():
+    """The flags line of /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def shell_safe(path):
@@ -180,9 +191,11 @@ def compile_op():
         for attempt in range(2):
             try:
                 return cpp_extension.load(
-                    name="onednn_conv_op", sources=[SOURCE], extra_include_paths=[include_dir],
-                    extra_cxx_cflags=["-O2"], build_directory=shell_safe(out),
-                    extra_ldflags=[f"-L{PADDLE_LIBS}", "-l:libdnnl.so.3", f"-Wl,-rpath,{PADDLE_LIBS}"])
+                    name="onednn_conv_op", sources=SOURCES, extra_include_paths=[include_dir],
+                    # OpenMP: norm.cc's loops share oneDNN's thread pool (the same libgomp.so.1);
+                    # -march=native: its loops vectorise for this CPU (AVX-512 where there is one)
+                    extra_cxx_cflags=["-O3", "-march=native", "-fopenmp"], build_directory=shell_safe(out),
+                    extra_ldflags=[f"-L{PADDLE_LIBS}", "-l:libdnnl.so.3", f"-Wl,-rpath,{PADDLE_LIBS}", "-fopenmp"])
             except Exception:  # a compiler error (the details are in build.log), or a broken cached build
                 cached = os.path.join(out, "onednn_conv_op")
                 if attempt or not os.path.isdir(cached):
@@ -236,9 +249,13 @@ def covered(layer):
     return stride[0], padding[0]
 
 
+def on_cpu_fp32(*tensors):
+    return all(t.dtype == paddle.float32 and t.place.is_cpu_place() for t in tensors)
+
+
 def conv_forward(layer, x):
     """Conv2D.forward of a covered layer (bound to it by use_in)."""
-    if x.dtype != paddle.float32 or layer.weight.dtype != paddle.float32 or not x.place.is_cpu_place():
+    if not on_cpu_fp32(x, layer.weight):
         return nn.Conv2D.forward(layer, x)
     if hasattr(x, "is_contiguous") and not x.is_contiguous():
         x = x.contiguous()
@@ -246,16 +263,95 @@ def conv_forward(layer, x):
     return _loaded["op"].onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient)
 
 
-def use_in(model):
-    """Make every covered Conv2D of ``model`` run on the operator (load() must have
-    succeeded). Returns how many layers that is."""
+def batch_norm(layer, x, relu=False):
+    """``layer`` (a BatchNorm2D) on ``x``, then the ReLU when ``relu``. In training it runs
+    on the operator, and the running statistics are updated as Paddle's kernel does:
+    momentum on the biased batch variance, in place, so names and checkpoints stay.
+    Evaluation, frozen statistics (fine-tuning's last/head) and anything but float32 NCHW
+    on the CPU keep Paddle's kernel."""
+    if (not layer.training or layer._use_global_stats or layer._data_format != "NCHW" or len(x.shape) != 4
+            or not on_cpu_fp32(x, layer.weight)):
+        y = nn.BatchNorm2D.forward(layer, x)
+        return F.relu(y) if relu else y
+    if hasattr(x, "is_contiguous") and not x.is_contiguous():
+        x = x.contiguous()
+    y, mean, variance = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu)
+    with paddle.no_grad():
+        m = layer._momentum
+        paddle.assign(layer._mean * m + mean * (1 - m), output=layer._mean)
+        paddle.assign(layer._variance * m + variance * (1 - m), output=layer._variance)
+    return y
+
+
+def join(out, x, downsample):
+    """relu(out + shortcut(x)) for a residual block: the shortcut is x itself, its
+    projection (``downsample``, a ConvBN), or option A (ZeroPadShortcut), which the
+    operator reads straight from x."""
+    from models.resnet import ZeroPadShortcut
+    stride = 1
+    if isinstance(downsample, ZeroPadShortcut):
+        stride = downsample.stride
+    elif downsample is not None:
+        x = downsample(x)
+    if not on_cpu_fp32(out, x):
+        shortcut = downsample(x) if isinstance(downsample, ZeroPadShortcut) else x
+        return F.relu(out + shortcut)
+    return _loaded["op"].residual_join(out, x, stride)
+
+
+def residual_block_forward(block, x):
+    """ResidualBlock.forward with BN+ReLU fused and the join in one operator."""
+    out = batch_norm(block.bn1, block.conv1(x), relu=True)
+    out = batch_norm(block.bn2, block.conv2(out), relu=not block.residual)
+    return join(out, x, block.downsample) if block.residual else out
+
+
+def bottleneck_block_forward(block, x):
+    out = batch_norm(block.bn1, block.conv1(x), relu=True)
+    out = batch_norm(block.bn2, block.conv2(out), relu=True)
+    out = batch_norm(block.bn3, block.conv3(out), relu=not block.residual)
+    return join(out, x, block.downsample) if block.residual else out
+
+
+def conv_bn_forward(layer, x):
+    """ConvBNLayer (a projection shortcut: conv, BN, and a ReLU when it has one)."""
+    return batch_norm(layer[1], layer[0](x), relu=len(layer) > 2)
+
+
+def stem_forward(model, x):
+    """ResNet.forward_features with the stem's BN+ReLU fused."""
+    x = batch_norm(model.bn1, model.conv1(x), relu=True)
+    if model.maxpool is not None:
+        x = model.maxpool(x)
+    for stage in model.stages:
+        x = stage(x)
+    return x
+
+
+def use_in(model, ops=("conv", "norm", "join")):
+    """Make ``model`` train on the operators (load() must have succeeded): every covered
+    Conv2D ("conv"), and in the blocks of models/ BatchNorm with its ReLU ("norm") and the
+    residual join ("join"). Only forwards change: parameters, their names and checkpoints
+    do not. Returns how many layers each one took."""
     if not _loaded.get("op"):
         raise RuntimeError("onednn_conv.load() did not succeed: " + str(_loaded.get("why_not")))
-    count = 0
+    from models.resnet import BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet
+    counts = dict(conv=0, norm=0, join=0)
     for layer in model.sublayers(include_self=True):
         how = covered(layer)
-        if how is not None:
+        if "conv" in ops and how is not None:
             layer._onednn_conv = how
             layer.forward = types.MethodType(conv_forward, layer)
-            count += 1
-    return count
+            counts["conv"] += 1
+        if "norm" in ops and "join" in ops and type(layer) in (ResidualBlock, BottleneckBlock):
+            fused = residual_block_forward if type(layer) is ResidualBlock else bottleneck_block_forward
+            layer.forward = types.MethodType(fused, layer)
+            counts["norm"] += 3 if type(layer) is BottleneckBlock else 2
+            counts["join"] += layer.residual
+        elif "norm" in ops and type(layer) is ConvBNLayer:
+            layer.forward = types.MethodType(conv_bn_forward, layer)
+            counts["norm"] += 1
+        elif "norm" in ops and type(layer) is ResNet:
+            layer.forward_features = types.MethodType(stem_forward, layer)
+            counts["norm"] += 1
+    return counts

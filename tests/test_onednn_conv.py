@@ -83,6 +83,101 @@ def test_forward_and_both_gradients_equal_paddles(x_shape, w_shape, stride, padd
         assert relative <= 1e-4, f"{name}: relative error {relative:.2e}"
 
 
+def norm_and_join_shapes(model, size):
+    """The BatchNorm input shapes and the residual joins ((out, block input, stride)) of
+    ``model`` on 2 images of ``size``, each distinct one once."""
+    norms, joins = {}, {}
+    blocks = (models.ResidualBlock, models.BottleneckBlock)
+
+    def record_norm(layer, inputs):
+        norms[tuple(inputs[0].shape)] = True
+
+    def record_join(block, inputs, output):
+        if block.residual:
+            stride = block.downsample.stride if isinstance(block.downsample, models.ZeroPadShortcut) else 1
+            shape = tuple(inputs[0].shape) if stride > 1 or block.downsample is None else tuple(output.shape)
+            joins[(tuple(output.shape), shape, stride)] = True
+    hooks = [m.register_forward_pre_hook(record_norm) for m in model.sublayers() if isinstance(m, paddle.nn.BatchNorm2D)]
+    hooks += [m.register_forward_post_hook(record_join) for m in model.sublayers() if isinstance(m, blocks)]
+    with paddle.no_grad():
+        model.eval()
+        model(paddle.zeros([2, 3, size, size]))
+    for h in hooks:
+        h.remove()
+    return list(norms), list(joins)
+
+
+NETS = dict(resnet20=(models.resnet20, 32), resnet18_cifar=(lambda: models.resnet18(stem="cifar"), 32),
+            resnet18=(models.resnet18, 224), resnet50=(models.resnet50, 224))
+NORM_JOIN = {name: norm_and_join_shapes(make(), size) for name, (make, size) in NETS.items()}
+NORM_SHAPES = sorted(set(sum((v[0] for v in NORM_JOIN.values()), [])))
+JOIN_SHAPES = sorted(set(sum((v[1] for v in NORM_JOIN.values()), [])))
+
+
+def test_the_norm_and_join_lists_are_complete():
+    # ResNet-20: 16/32/64 channels at 32/16/8 pixels, two option-A joins (stride 2) and
+    # three identity shapes; ResNet-18/50 join their projections at stride 1 (ResNet-50: every
+    # stage a 1x1-reduced, a 3x3 and an expanded width, the stride-2 3x3 after its 1x1)
+    assert {k: (len(v[0]), len(v[1])) for k, v in NORM_JOIN.items()} == dict(
+        resnet20=(3, 5), resnet18_cifar=(4, 4), resnet18=(5, 4), resnet50=(12, 4))
+    assert {stride for _, _, stride in JOIN_SHAPES} == {1, 2}
+
+
+def relative(a, b):
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+@needs_op
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu):
+    """The same arithmetic as Paddle's kernel (two-pass mean and biased variance): the
+    output, the three gradients and the running statistics agree to 1e-5 relative."""
+    rng = np.random.default_rng(sum(shape))
+    ours, theirs = paddle.nn.BatchNorm2D(shape[1]), paddle.nn.BatchNorm2D(shape[1])
+    for layer in (ours, theirs):
+        layer.weight.set_value(np.linspace(0.5, 1.5, shape[1]).astype(np.float32))
+        layer.bias.set_value(np.linspace(-0.2, 0.3, shape[1]).astype(np.float32))
+    x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2 + 0.5, stop_gradient=False)
+    grad = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+    y = onednn_conv.batch_norm(ours, x, relu)
+    ref = theirs(x)
+    ref = F.relu(ref) if relu else ref
+    got = [y, *paddle.grad([y], [x, ours.weight, ours.bias], [grad])]
+    want = [ref, *paddle.grad([ref], [x, theirs.weight, theirs.bias], [grad])]
+    for name, a, b in zip(("out", "grad x", "grad scale", "grad shift"), got, want):
+        assert relative(a.numpy(), b.numpy()) <= 1e-5, name
+    for name in ("_mean", "_variance"):
+        assert relative(getattr(ours, name).numpy(), getattr(theirs, name).numpy()) <= 1e-5, name
+    ours.eval()  # evaluation: Paddle's own kernel on the running statistics
+    np.testing.assert_array_equal(onednn_conv.batch_norm(ours, x).numpy(), ours(x).numpy())
+
+
+@needs_op
+@pytest.mark.parametrize("out_shape,in_shape,stride", JOIN_SHAPES)
+def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride):
+    """relu(out + shortcut(x)) and both gradients exactly (the same sums in one pass)."""
+    rng = np.random.default_rng(sum(out_shape) + stride)
+    out = paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32), stop_gradient=False)
+    x = paddle.to_tensor(rng.standard_normal(in_shape, dtype=np.float32), stop_gradient=False)
+    shortcut = models.ZeroPadShortcut(in_shape[1], out_shape[1], stride) if stride > 1 else None
+    y = onednn_conv.join(out, x, shortcut)
+    ref = F.relu(out + (shortcut(x) if shortcut else x))
+    grad = paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32))
+    for a, b in zip([y, *paddle.grad([y], [out, x], [grad])], [ref, *paddle.grad([ref], [out, x], [grad])]):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@needs_op
+def test_frozen_batch_norm_keeps_paddles_kernel_and_its_statistics():
+    layer = paddle.nn.BatchNorm2D(4)
+    layer._use_global_stats = True  # finetune.py's last/head strategies
+    x = paddle.rand([2, 4, 5, 5])
+    before = layer._mean.numpy().copy()
+    np.testing.assert_array_equal(onednn_conv.batch_norm(layer, x).numpy(), paddle.nn.BatchNorm2D.forward(layer, x).numpy())
+    np.testing.assert_array_equal(layer._mean.numpy(), before)
+
+
 @needs_op
 def test_uncovered_layers_keep_paddles_kernel():
     kept = [paddle.nn.Conv2D(4, 4, 3, bias_attr=True), paddle.nn.Conv2D(4, 4, 3, groups=2),
@@ -90,7 +185,7 @@ def test_uncovered_layers_keep_paddles_kernel():
             paddle.nn.Conv2D(4, 4, 3, data_format="NHWC"), paddle.nn.Conv2D(4, 4, 3, padding="SAME")]
     assert [onednn_conv.covered(c) for c in kept] == [None] * len(kept)
     assert onednn_conv.covered(paddle.nn.Conv2D(4, 4, 3, stride=2, padding=1, bias_attr=False)) == (2, 1)
-    assert onednn_conv.use_in(paddle.nn.Sequential(*kept)) == 0
+    assert onednn_conv.use_in(paddle.nn.Sequential(*kept))["conv"] == 0
 
 
 @needs_op
@@ -100,7 +195,7 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32))
     model.eval()
     before, names = model(x).numpy(), list(model.state_dict())
-    assert onednn_conv.use_in(model) == 19
+    assert onednn_conv.use_in(model) == dict(conv=19, norm=19, join=9)
     after = model(x).numpy()
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
     assert list(model.state_dict()) == names
@@ -189,7 +284,7 @@ def test_without_headers_training_falls_back_with_one_notice(archive, tmp_path, 
 def test_a_compile_error_is_one_line_pointing_to_the_log(tmp_path, monkeypatch):
     broken = tmp_path / "conv.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(onednn_conv, "SOURCE", str(broken))
+    monkeypatch.setattr(onednn_conv, "SOURCES", [str(broken)])
     monkeypatch.setenv("ONEDNN_CONV_CACHE", str(tmp_path / "cache"))
     with pytest.raises(onednn_conv.Unavailable, match="did not compile; the compiler's output is in .*build.log"):
         onednn_conv.compile_op()
