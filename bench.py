@@ -51,7 +51,8 @@ def paddle_model(impl, name, stem, num_classes):
             op, why_not = onednn_conv.load()
             if op is None:
                 raise UserError(f"--impl ours+onednn: {why_not}")
-            onednn_conv.use_in(model, ops=tuple(os.environ.get("ONEDNN_OPS", "conv,norm,join").split(",")))
+            onednn_conv.use_in(model, ops=tuple(os.environ.get("ONEDNN_OPS", "conv,norm,join").split(",")),
+                               layout=os.environ.get("ONEDNN_LAYOUT", "nhwc"))
         return model
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):

@@ -211,7 +211,7 @@ def self_check(op):
     for stride, padding, r in ((1, 1, 3), (2, 0, 1)):
         x = paddle.to_tensor(rng.standard_normal((2, 8, 7, 7), dtype=np.float32), stop_gradient=False)
         w = paddle.to_tensor(rng.standard_normal((16, 8, r, r), dtype=np.float32), stop_gradient=False)
-        ours = op.onednn_conv2d(x, w, stride, padding, True)
+        ours = op.onednn_conv2d(x, w, stride, padding, True, False)
         ref = F.conv2d(x, w, stride=stride, padding=padding)
         grad = paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32))
         pairs = zip([ours, *paddle.grad([ours], [x, w], [grad])], [ref, *paddle.grad([ref], [x, w], [grad])])
@@ -254,28 +254,31 @@ def on_cpu_fp32(*tensors):
 
 
 def conv_forward(layer, x):
-    """Conv2D.forward of a covered layer (bound to it by use_in)."""
+    """Conv2D.forward of a covered layer (bound to it by use_in), on activations in the
+    layout use_in chose (layer._onednn_nhwc)."""
+    stride, padding = layer._onednn_conv
     if not on_cpu_fp32(x, layer.weight):
-        return nn.Conv2D.forward(layer, x)
+        return F.conv2d(x, layer.weight, stride=stride, padding=padding,
+                        data_format="NHWC" if layer._onednn_nhwc else "NCHW")
     if hasattr(x, "is_contiguous") and not x.is_contiguous():
         x = x.contiguous()
-    stride, padding = layer._onednn_conv
-    return _loaded["op"].onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient)
+    return _loaded["op"].onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient, layer._onednn_nhwc)
 
 
-def batch_norm(layer, x, relu=False):
-    """``layer`` (a BatchNorm2D) on ``x``, then the ReLU when ``relu``. In training it runs
-    on the operator, and the running statistics are updated as Paddle's kernel does:
-    momentum on the biased batch variance, in place, so names and checkpoints stay.
-    Evaluation, frozen statistics (fine-tuning's last/head) and anything but float32 NCHW
-    on the CPU keep Paddle's kernel."""
-    if (not layer.training or layer._use_global_stats or layer._data_format != "NCHW" or len(x.shape) != 4
-            or not on_cpu_fp32(x, layer.weight)):
-        y = nn.BatchNorm2D.forward(layer, x)
+def batch_norm(layer, x, relu=False, nhwc=False):
+    """``layer`` (a BatchNorm2D) on ``x`` (NCHW, or NHWC with ``nhwc``), then the ReLU when
+    ``relu``. In training it runs on the operator, and the running statistics are updated
+    as Paddle's kernel does: momentum on the biased batch variance, in place, so names
+    and checkpoints stay. Evaluation, frozen statistics (fine-tuning's last/head) and
+    anything but float32 on the CPU keep Paddle's kernel."""
+    if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_fp32(x, layer.weight):
+        y = F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
+                         momentum=layer._momentum, epsilon=layer._epsilon, data_format="NHWC" if nhwc else "NCHW",
+                         use_global_stats=layer._use_global_stats)
         return F.relu(y) if relu else y
     if hasattr(x, "is_contiguous") and not x.is_contiguous():
         x = x.contiguous()
-    y, mean, variance = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu)
+    y, mean, variance = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu, nhwc)
     with paddle.no_grad():
         m = layer._momentum
         paddle.assign(layer._mean * m + mean * (1 - m), output=layer._mean)
@@ -283,7 +286,7 @@ def batch_norm(layer, x, relu=False):
     return y
 
 
-def join(out, x, downsample):
+def join(out, x, downsample, nhwc=False):
     """relu(out + shortcut(x)) for a residual block: the shortcut is x itself, its
     projection (``downsample``, a ConvBN), or option A (ZeroPadShortcut), which the
     operator reads straight from x."""
@@ -294,64 +297,81 @@ def join(out, x, downsample):
     elif downsample is not None:
         x = downsample(x)
     if not on_cpu_fp32(out, x):
-        shortcut = downsample(x) if isinstance(downsample, ZeroPadShortcut) else x
-        return F.relu(out + shortcut)
-    return _loaded["op"].residual_join(out, x, stride)
+        if isinstance(downsample, ZeroPadShortcut):
+            x = downsample(x.transpose([0, 3, 1, 2])).transpose([0, 2, 3, 1]) if nhwc else downsample(x)
+        return F.relu(out + x)
+    return _loaded["op"].residual_join(out, x, stride, nhwc)
 
 
 def residual_block_forward(block, x):
     """ResidualBlock.forward with BN+ReLU fused and the join in one operator."""
-    out = batch_norm(block.bn1, block.conv1(x), relu=True)
-    out = batch_norm(block.bn2, block.conv2(out), relu=not block.residual)
-    return join(out, x, block.downsample) if block.residual else out
+    nhwc = block._onednn_nhwc
+    out = batch_norm(block.bn1, block.conv1(x), relu=True, nhwc=nhwc)
+    out = batch_norm(block.bn2, block.conv2(out), relu=not block.residual, nhwc=nhwc)
+    return join(out, x, block.downsample, nhwc) if block.residual else out
 
 
 def bottleneck_block_forward(block, x):
-    out = batch_norm(block.bn1, block.conv1(x), relu=True)
-    out = batch_norm(block.bn2, block.conv2(out), relu=True)
-    out = batch_norm(block.bn3, block.conv3(out), relu=not block.residual)
-    return join(out, x, block.downsample) if block.residual else out
+    nhwc = block._onednn_nhwc
+    out = batch_norm(block.bn1, block.conv1(x), relu=True, nhwc=nhwc)
+    out = batch_norm(block.bn2, block.conv2(out), relu=True, nhwc=nhwc)
+    out = batch_norm(block.bn3, block.conv3(out), relu=not block.residual, nhwc=nhwc)
+    return join(out, x, block.downsample, nhwc) if block.residual else out
 
 
 def conv_bn_forward(layer, x):
     """ConvBNLayer (a projection shortcut: conv, BN, and a ReLU when it has one)."""
-    return batch_norm(layer[1], layer[0](x), relu=len(layer) > 2)
+    return batch_norm(layer[1], layer[0](x), relu=len(layer) > 2, nhwc=layer._onednn_nhwc)
 
 
-def stem_forward(model, x):
-    """ResNet.forward_features with the stem's BN+ReLU fused."""
-    x = batch_norm(model.bn1, model.conv1(x), relu=True)
+def resnet_forward(model, x):
+    """ResNet.forward on the operators. With model._onednn_nhwc the image batch is turned
+    to NHWC once here, every layer keeps that layout, and the pooled features [N, C] come
+    out of a mean over H and W; otherwise the stem's BN+ReLU is fused and the rest is as
+    ResNet.forward."""
+    nhwc = model._onednn_nhwc
+    if nhwc:
+        x = x.transpose([0, 2, 3, 1])
+    x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc)
     if model.maxpool is not None:
-        x = model.maxpool(x)
+        x = F.max_pool2d(x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW")
     for stage in model.stages:
         x = stage(x)
-    return x
+    if model.with_pool:
+        x = x.mean(axis=[1, 2]) if nhwc else paddle.flatten(model.avgpool(x), 1)
+    return model.fc(x) if model.num_classes > 0 else x
 
 
-def use_in(model, ops=("conv", "norm", "join")):
+def use_in(model, ops=("conv", "norm", "join"), layout="nhwc"):
     """Make ``model`` train on the operators (load() must have succeeded): every covered
     Conv2D ("conv"), and in the blocks of models/ BatchNorm with its ReLU ("norm") and the
-    residual join ("join"). Only forwards change: parameters, their names and checkpoints
-    do not. Returns how many layers each one took."""
+    residual join ("join"). ``layout="nhwc"`` (with all three, for a ResNet of models/ with
+    its pool and classifier) keeps the activations NHWC from the input to the pooled
+    features: oneDNN's convolutions then need no reorder of them. Only forwards change:
+    parameters, their names and checkpoints do not. Returns how many layers each one took."""
     if not _loaded.get("op"):
         raise RuntimeError("onednn_conv.load() did not succeed: " + str(_loaded.get("why_not")))
     from models.resnet import BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet
-    counts = dict(conv=0, norm=0, join=0)
+    fused = "norm" in ops and "join" in ops
+    nhwc = (layout == "nhwc" and fused and "conv" in ops and type(model) is ResNet and model.with_pool
+            and model.num_classes > 0 and all(covered(l) for l in model.sublayers() if isinstance(l, nn.Conv2D)))
+    counts = dict(conv=0, norm=0, join=0, layout="nhwc" if nhwc else "nchw")
     for layer in model.sublayers(include_self=True):
+        layer._onednn_nhwc = nhwc
         how = covered(layer)
         if "conv" in ops and how is not None:
             layer._onednn_conv = how
             layer.forward = types.MethodType(conv_forward, layer)
             counts["conv"] += 1
-        if "norm" in ops and "join" in ops and type(layer) in (ResidualBlock, BottleneckBlock):
-            fused = residual_block_forward if type(layer) is ResidualBlock else bottleneck_block_forward
-            layer.forward = types.MethodType(fused, layer)
+        if fused and type(layer) in (ResidualBlock, BottleneckBlock):
+            layer.forward = types.MethodType(
+                residual_block_forward if type(layer) is ResidualBlock else bottleneck_block_forward, layer)
             counts["norm"] += 3 if type(layer) is BottleneckBlock else 2
             counts["join"] += layer.residual
-        elif "norm" in ops and type(layer) is ConvBNLayer:
+        elif fused and type(layer) is ConvBNLayer:
             layer.forward = types.MethodType(conv_bn_forward, layer)
             counts["norm"] += 1
-        elif "norm" in ops and type(layer) is ResNet:
-            layer.forward_features = types.MethodType(stem_forward, layer)
+        elif fused and type(layer) is ResNet:
+            layer.forward = types.MethodType(resnet_forward, layer)
             counts["norm"] += 1
     return counts

@@ -1,7 +1,7 @@
 // A 2-D convolution for training on the CPU, on oneDNN primitives, as a Paddle custom
 // operator: forward, and one backward that gives the input and the weight gradients.
 //
-// Covers what ResNets use: float32 NCHW input, OIHW weights, square kernel, one stride
+// Covers what ResNets use: float32 NCHW (or, with nhwc, NHWC) input, OIHW weights, square kernel, one stride
 // and one padding for both axes, no bias, no dilation, groups 1. The Python side
 // (onednn_conv/__init__.py) checks that before calling and falls back to Paddle's conv2d
 // otherwise. Tensors stay in Paddle's plain NCHW/OIHW layout between calls: each call
@@ -37,9 +37,16 @@ dnnl::stream &cpu_stream() {
 // One convolution shape: batch, in/out channels, input size, kernel, stride, padding.
 struct Shape {
   int64_t n, c, h, w, k, r, stride, pad;
+  bool nhwc;  // the activations' layout: NHWC tensors, or NCHW
   bool operator==(const Shape &o) const {
     return n == o.n && c == o.c && h == o.h && w == o.w && k == o.k && r == o.r &&
-           stride == o.stride && pad == o.pad;
+           stride == o.stride && pad == o.pad && nhwc == o.nhwc;
+  }
+  Tag user() const { return nhwc ? Tag::nhwc : Tag::nchw; }
+  // the primitives' activations: NHWC as they are (no reorder); for NCHW, oneDNN's choice
+  Tag inside() const { return nhwc ? Tag::nhwc : Tag::any; }
+  std::vector<int64_t> out_shape() const {
+    return nhwc ? std::vector<int64_t>{n, out_h(), out_w(), k} : std::vector<int64_t>{n, k, out_h(), out_w()};
   }
   int64_t out_h() const { return (h + 2 * pad - r) / stride + 1; }
   int64_t out_w() const { return (w + 2 * pad - r) / stride + 1; }
@@ -53,7 +60,7 @@ struct Shape {
 struct ShapeHash {
   size_t operator()(const Shape &s) const {
     size_t h = 0;
-    for (int64_t v : {s.n, s.c, s.h, s.w, s.k, s.r, s.stride, s.pad}) h = h * 1000003u + size_t(v);
+    for (int64_t v : {s.n, s.c, s.h, s.w, s.k, s.r, s.stride, s.pad, int64_t(s.nhwc)}) h = h * 1000003u + size_t(v);
     return h;
   }
 };
@@ -85,7 +92,7 @@ Primitives &primitives_for(const Shape &s, bool backward) {
     Primitives p;
     p.fwd_pd = dnnl::convolution_forward::primitive_desc(
         cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-        s.src(Tag::any), s.weights(Tag::any), s.dst(Tag::any), s.strides(), s.padding(),
+        s.src(s.inside()), s.weights(Tag::any), s.dst(s.inside()), s.strides(), s.padding(),
         s.padding(), user_scratchpad());
     p.fwd = dnnl::convolution_forward(p.fwd_pd);
     it = cache.emplace(s, std::move(p)).first;
@@ -93,12 +100,12 @@ Primitives &primitives_for(const Shape &s, bool backward) {
   Primitives &p = it->second;
   if (backward && !p.has_backward) {
     p.data_pd = dnnl::convolution_backward_data::primitive_desc(
-        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(Tag::any), s.weights(Tag::any),
-        s.dst(Tag::any), s.strides(), s.padding(), s.padding(), p.fwd_pd, user_scratchpad());
+        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.inside()), s.weights(Tag::any),
+        s.dst(s.inside()), s.strides(), s.padding(), s.padding(), p.fwd_pd, user_scratchpad());
     p.bwd_data = dnnl::convolution_backward_data(p.data_pd);
     p.weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(Tag::any), s.weights(Tag::any),
-        s.dst(Tag::any), s.strides(), s.padding(), s.padding(), p.fwd_pd, user_scratchpad());
+        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.inside()), s.weights(Tag::any),
+        s.dst(s.inside()), s.strides(), s.padding(), s.padding(), p.fwd_pd, user_scratchpad());
     p.bwd_weights = dnnl::convolution_backward_weights(p.weights_pd);
     p.has_backward = true;
   }
@@ -136,15 +143,16 @@ memory wrap(const memory::desc &desc, const paddle::Tensor &t) {
   return memory(desc, cpu_engine(), const_cast<float *>(t.data<float>()));
 }
 
-Shape shape_of(const paddle::Tensor &x, const paddle::Tensor &w, int stride, int padding) {
+Shape shape_of(const paddle::Tensor &x, const paddle::Tensor &w, int stride, int padding, bool nhwc) {
   PD_CHECK(x.is_cpu() && w.is_cpu(), "onednn_conv2d: CPU tensors only");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32,
            "onednn_conv2d: float32 only");
   auto xs = x.shape(), ws = w.shape();
   PD_CHECK(xs.size() == 4 && ws.size() == 4, "onednn_conv2d: 4-D input and weight expected");
-  PD_CHECK(ws[1] == xs[1] && ws[2] == ws[3], "onednn_conv2d: weight must be [K, C, R, R]");
+  const int64_t c = nhwc ? xs[3] : xs[1], h = nhwc ? xs[1] : xs[2], w_ = nhwc ? xs[2] : xs[3];
+  PD_CHECK(ws[1] == c && ws[2] == ws[3], "onednn_conv2d: weight must be [K, C, R, R]");
   PD_CHECK(stride >= 1 && padding >= 0, "onednn_conv2d: bad stride or padding");
-  return Shape{xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], stride, padding};
+  return Shape{xs[0], c, h, w_, ws[0], ws[2], stride, padding, nhwc};
 }
 
 void execute(dnnl::primitive &prim, const memory::desc &scratchpad,
@@ -156,14 +164,13 @@ void execute(dnnl::primitive &prim, const memory::desc &scratchpad,
 }  // namespace
 
 std::vector<paddle::Tensor> ConvForward(const paddle::Tensor &x, const paddle::Tensor &weight,
-                                        int stride, int padding, bool input_grad) {
-  Shape s = shape_of(x, weight, stride, padding);
+                                        int stride, int padding, bool input_grad, bool nhwc) {
+  Shape s = shape_of(x, weight, stride, padding, nhwc);
   Primitives &p = primitives_for(s, false);
   std::vector<paddle::Tensor> keep;
-  paddle::Tensor out = paddle::empty({s.n, s.k, s.out_h(), s.out_w()}, paddle::DataType::FLOAT32,
-                                     paddle::CPUPlace());
-  memory out_user = wrap(s.dst(Tag::nchw), out);
-  memory src = in_layout(wrap(s.src(Tag::nchw), x), p.fwd_pd.src_desc(), &keep);
+  paddle::Tensor out = paddle::empty(s.out_shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  memory out_user = wrap(s.dst(s.user()), out);
+  memory src = in_layout(wrap(s.src(s.user()), x), p.fwd_pd.src_desc(), &keep);
   memory wei = in_layout(wrap(s.weights(Tag::oihw), weight), p.fwd_pd.weights_desc(), &keep);
   memory dst = out_layout(out_user, p.fwd_pd.dst_desc(), &keep);
   execute(p.fwd, p.fwd_pd.scratchpad_desc(),
@@ -175,22 +182,22 @@ std::vector<paddle::Tensor> ConvForward(const paddle::Tensor &x, const paddle::T
 
 std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor &x, const paddle::Tensor &weight,
                                          const paddle::Tensor &grad_out, int stride, int padding,
-                                         bool input_grad) {
-  Shape s = shape_of(x, weight, stride, padding);
+                                         bool input_grad, bool nhwc) {
+  Shape s = shape_of(x, weight, stride, padding, nhwc);
   Primitives &p = primitives_for(s, true);
   std::vector<paddle::Tensor> keep;
   paddle::Tensor grad_x = paddle::empty(input_grad ? x.shape() : std::vector<int64_t>{1},
                                         paddle::DataType::FLOAT32, paddle::CPUPlace());
   paddle::Tensor grad_w = paddle::empty(weight.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   memory gw_user = wrap(s.weights(Tag::oihw), grad_w);
-  memory gy_user = wrap(s.dst(Tag::nchw), grad_out);
+  memory gy_user = wrap(s.dst(s.user()), grad_out);
 
   // Input gradient: grad_x = conv_transpose(grad_out, weight), unless the input needs
   // none (the images entering the first layer): then it is a placeholder of one element.
   memory gy = in_layout(gy_user, p.data_pd.diff_dst_desc(), &keep);
   if (input_grad) {
     memory wei = in_layout(wrap(s.weights(Tag::oihw), weight), p.data_pd.weights_desc(), &keep);
-    memory gx_user = wrap(s.src(Tag::nchw), grad_x);
+    memory gx_user = wrap(s.src(s.user()), grad_x);
     memory gx = out_layout(gx_user, p.data_pd.diff_src_desc(), &keep);
     execute(p.bwd_data, p.data_pd.scratchpad_desc(),
             {{DNNL_ARG_DIFF_DST, gy}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, gx}}, &keep);
@@ -202,7 +209,7 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor &x, const paddle::
   memory gy_w = p.weights_pd.diff_dst_desc() == gy.get_desc()
                     ? gy
                     : in_layout(gy_user, p.weights_pd.diff_dst_desc(), &keep);
-  memory src = in_layout(wrap(s.src(Tag::nchw), x), p.weights_pd.src_desc(), &keep);
+  memory src = in_layout(wrap(s.src(s.user()), x), p.weights_pd.src_desc(), &keep);
   memory gw = out_layout(gw_user, p.weights_pd.diff_weights_desc(), &keep);
   execute(p.bwd_weights, p.weights_pd.scratchpad_desc(),
           {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, gy_w}, {DNNL_ARG_DIFF_WEIGHTS, gw}}, &keep);
@@ -213,8 +220,9 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor &x, const paddle::
 
 std::vector<std::vector<int64_t>> ConvInferShape(const std::vector<int64_t> &x,
                                                  const std::vector<int64_t> &w, int stride,
-                                                 int padding, bool input_grad) {
+                                                 int padding, bool input_grad, bool nhwc) {
   auto out = [&](int64_t size) { return size < 0 ? size : (size + 2 * padding - w[2]) / stride + 1; };
+  if (nhwc) return {{x[0], out(x[1]), out(x[2]), w[0]}};
   return {{x[0], w[0], out(x[2]), out(x[3])}};
 }
 
@@ -225,7 +233,7 @@ std::vector<paddle::DataType> ConvInferDtype(const paddle::DataType &x, const pa
 PD_BUILD_OP(onednn_conv2d)
     .Inputs({"X", "Weight"})
     .Outputs({"Out"})
-    .Attrs({"stride: int", "padding: int", "input_grad: bool"})
+    .Attrs({"stride: int", "padding: int", "input_grad: bool", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(ConvForward))
     .SetInferShapeFn(PD_INFER_SHAPE(ConvInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(ConvInferDtype));
@@ -233,5 +241,5 @@ PD_BUILD_OP(onednn_conv2d)
 PD_BUILD_GRAD_OP(onednn_conv2d)
     .Inputs({"X", "Weight", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})
-    .Attrs({"stride: int", "padding: int", "input_grad: bool"})
+    .Attrs({"stride: int", "padding: int", "input_grad: bool", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(ConvBackward));

@@ -12,6 +12,8 @@
 //   shortcut(b) is b itself (same shape) or the paper's option A (b subsampled by the
 //   stride, zero channels appended), read straight from the block input: no slice, no
 //   zeros, no concat. Its backward writes both gradients in the same pass.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,7 +36,7 @@ struct Planes {  // x: [n, c, h, w] float32: channel c is n planes of h * w valu
 Planes planes_of(const paddle::Tensor &x) {
   PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32, "batch_norm_relu: float32 CPU tensors only");
   auto s = x.shape();
-  PD_CHECK(s.size() == 4, "batch_norm_relu: a 4-D NCHW input expected");
+  PD_CHECK(s.size() == 4, "batch_norm_relu: a 4-D input expected");
   return Planes{s[0], s[1], s[2] * s[3]};
 }
 
@@ -44,8 +46,8 @@ Planes planes_of(const paddle::Tensor &x) {
 // variance per channel, each computed in two passes as Paddle's kernel does
 // (phi/kernels/cpu/batch_norm_kernel.cc), summed in double. Channels are shared out over
 // the threads; every inner loop runs over one contiguous plane.
-std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                        const paddle::Tensor &shift, float epsilon, bool relu) {
+std::vector<paddle::Tensor> NormForwardNCHW(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                            const paddle::Tensor &shift, float epsilon, bool relu) {
   Planes p = planes_of(x);
   paddle::Tensor y = floats_like(x.shape()), mean = floats_like({p.c}), variance = floats_like({p.c});
   const float *px = x.data<float>(), *pw = scale.data<float>(), *pb = shift.data<float>();
@@ -89,10 +91,10 @@ std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::T
 // The gradients through BN (and the ReLU, from where y > 0): with g = dy masked by the
 // ReLU and xhat = (x - mean) * inv_std, dscale = sum(g * xhat), dshift = sum(g) and
 // dx = scale * inv_std * (g - dshift / count - xhat * dscale / count).
-std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                         const paddle::Tensor &y, const paddle::Tensor &mean,
-                                         const paddle::Tensor &variance, const paddle::Tensor &grad_y,
-                                         float epsilon, bool relu) {
+std::vector<paddle::Tensor> NormBackwardNCHW(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                             const paddle::Tensor &y, const paddle::Tensor &mean,
+                                             const paddle::Tensor &variance, const paddle::Tensor &grad_y,
+                                             float epsilon, bool relu) {
   Planes p = planes_of(x);
   paddle::Tensor grad_x = floats_like(x.shape()), grad_scale = floats_like({p.c}), grad_shift = floats_like({p.c});
   const float *px = x.data<float>(), *pw = scale.data<float>(), *py = y.data<float>(), *pm = mean.data<float>(),
@@ -131,9 +133,141 @@ std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::
   return {grad_x, grad_scale, grad_shift};
 }
 
+// NHWC: rows of c contiguous channels. Each thread sums its rows per channel in float,
+// 256 rows at a time, into double partial sums (the same precision as the NCHW planes).
+namespace {
+
+constexpr int64_t kRowsPerFlush = 256;
+
+// per[c] = sum over rows of f(row, c), f given as a lambda that adds into acc[0..c)
+template <typename AddRow>
+std::vector<double> channel_sums(int64_t rows, int64_t c, int terms, AddRow add_row) {
+  const int threads = omp_get_max_threads();
+  std::vector<double> parts(size_t(threads) * terms * c, 0.0);
+#pragma omp parallel
+  {
+    double *part = parts.data() + size_t(omp_get_thread_num()) * terms * c;
+    std::vector<float> acc(size_t(terms) * c, 0.f);
+    int64_t pending = 0;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      add_row(r, acc.data());
+      if (++pending == kRowsPerFlush) {
+        for (size_t k = 0; k < acc.size(); ++k) part[k] += acc[k], acc[k] = 0.f;
+        pending = 0;
+      }
+    }
+    for (size_t k = 0; k < acc.size(); ++k) part[k] += acc[k];
+  }
+  std::vector<double> total(size_t(terms) * c, 0.0);
+  for (int t = 0; t < threads; ++t)
+    for (size_t k = 0; k < total.size(); ++k) total[k] += parts[size_t(t) * terms * c + k];
+  return total;
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> NormForwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                            const paddle::Tensor &shift, float epsilon, bool relu) {
+  auto s = x.shape();
+  const int64_t c = s[3], rows = s[0] * s[1] * s[2];
+  paddle::Tensor y = floats_like(s), mean = floats_like({c}), variance = floats_like({c});
+  const float *px = x.data<float>(), *pw = scale.data<float>(), *pb = shift.data<float>();
+  float *py = y.data<float>(), *pm = mean.data<float>(), *pv = variance.data<float>();
+  std::vector<double> sum = channel_sums(rows, c, 1, [&](int64_t r, float *acc) {
+    const float *v = px + r * c;
+#pragma omp simd
+    for (int64_t k = 0; k < c; ++k) acc[k] += v[k];
+  });
+  std::vector<float> m(c), a(c), b(c);
+  for (int64_t k = 0; k < c; ++k) m[k] = float(sum[k] / double(rows));
+  std::vector<double> squares = channel_sums(rows, c, 1, [&](int64_t r, float *acc) {
+    const float *v = px + r * c;
+#pragma omp simd
+    for (int64_t k = 0; k < c; ++k) acc[k] += (v[k] - m[k]) * (v[k] - m[k]);
+  });
+  for (int64_t k = 0; k < c; ++k) {
+    const float var = float(squares[k] / double(rows));
+    a[k] = pw[k] / std::sqrt(var + epsilon);
+    b[k] = pb[k] - m[k] * a[k];
+    pm[k] = m[k];
+    pv[k] = var;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *v = px + r * c;
+    float *out = py + r * c;
+    if (relu) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) out[k] = std::max(v[k] * a[k] + b[k], 0.f);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) out[k] = v[k] * a[k] + b[k];
+    }
+  }
+  return {y, mean, variance};
+}
+
+std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                             const paddle::Tensor &y, const paddle::Tensor &mean,
+                                             const paddle::Tensor &variance, const paddle::Tensor &grad_y,
+                                             float epsilon, bool relu) {
+  auto s = x.shape();
+  const int64_t c = s[3], rows = s[0] * s[1] * s[2];
+  paddle::Tensor grad_x = floats_like(s), grad_scale = floats_like({c}), grad_shift = floats_like({c});
+  const float *px = x.data<float>(), *pw = scale.data<float>(), *py = y.data<float>(), *pm = mean.data<float>(),
+              *pv = variance.data<float>(), *pg = grad_y.data<float>();
+  float *gx = grad_x.data<float>(), *gw = grad_scale.data<float>(), *gb = grad_shift.data<float>();
+  std::vector<double> sums = channel_sums(rows, c, 2, [&](int64_t r, float *acc) {
+    const float *v = px + r * c, *g = pg + r * c, *out = py + r * c;
+#pragma omp simd
+    for (int64_t k = 0; k < c; ++k) {
+      const float gk = (!relu || out[k] > 0.f) ? g[k] : 0.f;
+      acc[k] += gk;
+      acc[c + k] += gk * (v[k] - pm[k]);
+    }
+  });
+  std::vector<float> a(c), mean_g(c), k_x(c);
+  for (int64_t k = 0; k < c; ++k) {
+    const float inv_std = 1.f / std::sqrt(pv[k] + epsilon);
+    gb[k] = float(sums[k]);
+    gw[k] = float(sums[c + k] * inv_std);
+    a[k] = pw[k] * inv_std;
+    mean_g[k] = float(sums[k] / double(rows));
+    k_x[k] = float(sums[c + k] / double(rows)) * inv_std * inv_std;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *v = px + r * c, *g = pg + r * c, *out = py + r * c;
+    float *dx = gx + r * c;
+#pragma omp simd
+    for (int64_t k = 0; k < c; ++k) {
+      const float gk = (!relu || out[k] > 0.f) ? g[k] : 0.f;
+      dx[k] = a[k] * (gk - mean_g[k] - (v[k] - pm[k]) * k_x[k]);
+    }
+  }
+  return {grad_x, grad_scale, grad_shift};
+}
+
+std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                        const paddle::Tensor &shift, float epsilon, bool relu, bool nhwc) {
+  planes_of(x);  // the checks
+  return nhwc ? NormForwardNHWC(x, scale, shift, epsilon, relu) : NormForwardNCHW(x, scale, shift, epsilon, relu);
+}
+
+std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                         const paddle::Tensor &y, const paddle::Tensor &mean,
+                                         const paddle::Tensor &variance, const paddle::Tensor &grad_y,
+                                         float epsilon, bool relu, bool nhwc) {
+  return nhwc ? NormBackwardNHWC(x, scale, y, mean, variance, grad_y, epsilon, relu)
+              : NormBackwardNCHW(x, scale, y, mean, variance, grad_y, epsilon, relu);
+}
+
 std::vector<std::vector<int64_t>> NormInferShape(const std::vector<int64_t> &x, const std::vector<int64_t> &scale,
-                                                 const std::vector<int64_t> &shift, float epsilon, bool relu) {
-  return {x, {x[1]}, {x[1]}};
+                                                 const std::vector<int64_t> &shift, float epsilon, bool relu,
+                                                 bool nhwc) {
+  const int64_t c = nhwc ? x[3] : x[1];
+  return {x, {c}, {c}};
 }
 
 std::vector<paddle::DataType> NormInferDtype(const paddle::DataType &x, const paddle::DataType &scale,
@@ -144,7 +278,7 @@ std::vector<paddle::DataType> NormInferDtype(const paddle::DataType &x, const pa
 PD_BUILD_OP(batch_norm_relu)
     .Inputs({"X", "Scale", "Shift"})
     .Outputs({"Y", "Mean", "Variance"})
-    .Attrs({"epsilon: float", "relu: bool"})
+    .Attrs({"epsilon: float", "relu: bool", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(NormForward))
     .SetInferShapeFn(PD_INFER_SHAPE(NormInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(NormInferDtype));
@@ -152,88 +286,120 @@ PD_BUILD_OP(batch_norm_relu)
 PD_BUILD_GRAD_OP(batch_norm_relu)
     .Inputs({"X", "Scale", "Y", "Mean", "Variance", paddle::Grad("Y")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Shift")})
-    .Attrs({"epsilon: float", "relu: bool"})
+    .Attrs({"epsilon: float", "relu: bool", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(NormBackward));
 
 // ------------------------------------------------------------------------ the join
 namespace {
 
 struct Join {
-  int64_t n, c, h, w;      // a and the output: [n, c, h, w]
-  int64_t cb, hb, wb;      // b: [n, cb, hb, wb]; cb <= c channels of it are added
+  int64_t n, c, h, w;      // a and the output: [n, c, h, w] (NCHW) or [n, h, w, c] (NHWC)
+  int64_t cb, hb, wb;      // b, in the same layout; its cb <= c channels are added
   int64_t stride;
+  bool nhwc;
+  bool identity() const { return stride == 1 && cb == c; }
 };
 
-Join join_of(const paddle::Tensor &a, const std::vector<int64_t> &b, int stride) {
+Join join_of(const paddle::Tensor &a, const std::vector<int64_t> &b, int stride, bool nhwc) {
   PD_CHECK(a.is_cpu() && a.dtype() == paddle::DataType::FLOAT32, "residual_join: float32 CPU tensors only");
   auto s = a.shape();
-  PD_CHECK(s.size() == 4 && b.size() == 4 && b[0] == s[0] && b[1] <= s[1], "residual_join: bad shapes");
-  PD_CHECK((b[2] + stride - 1) / stride == s[2] && (b[3] + stride - 1) / stride == s[3],
+  PD_CHECK(s.size() == 4 && b.size() == 4 && b[0] == s[0], "residual_join: bad shapes");
+  Join j = nhwc ? Join{s[0], s[3], s[1], s[2], b[3], b[1], b[2], stride, true}
+                : Join{s[0], s[1], s[2], s[3], b[1], b[2], b[3], stride, false};
+  PD_CHECK(j.cb <= j.c && (j.hb + stride - 1) / stride == j.h && (j.wb + stride - 1) / stride == j.w,
            "residual_join: b subsampled by the stride must match a");
-  return Join{s[0], s[1], s[2], s[3], b[1], b[2], b[3], stride};
+  return j;
 }
+
+inline float relu(float v) { return std::max(v, 0.f); }
 
 }  // namespace
 
-std::vector<paddle::Tensor> JoinForward(const paddle::Tensor &a, const paddle::Tensor &b, int stride) {
-  Join j = join_of(a, b.shape(), stride);
+std::vector<paddle::Tensor> JoinForward(const paddle::Tensor &a, const paddle::Tensor &b, int stride, bool nhwc) {
+  Join j = join_of(a, b.shape(), stride, nhwc);
   paddle::Tensor out = floats_like(a.shape());
   const float *pa = a.data<float>(), *pb = b.data<float>();
   float *po = out.data<float>();
-  const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
+  if (j.identity()) {  // any layout: one flat pass
+    const int64_t size = j.n * j.c * j.h * j.w;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < size; ++i) po[i] = relu(pa[i] + pb[i]);
+  } else if (nhwc) {  // option A: each output row of c channels reads b's row at (h * s, w * s)
 #pragma omp parallel for schedule(static)
-  for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
-    const int64_t n = nc / j.c, c = nc % j.c;
-    const float *x = pa + nc * plane;
-    float *y = po + nc * plane;
-    if (c >= j.cb) {  // option A's zero channels
-      for (int64_t i = 0; i < plane; ++i) y[i] = std::max(x[i], 0.f);
-    } else if (j.stride == 1) {
-      const float *s = pb + (n * j.cb + c) * plane_b;
-      for (int64_t i = 0; i < plane; ++i) y[i] = std::max(x[i] + s[i], 0.f);
-    } else {
-      const float *s = pb + (n * j.cb + c) * plane_b;
-      for (int64_t r = 0; r < j.h; ++r)
-        for (int64_t q = 0; q < j.w; ++q)
-          y[r * j.w + q] = std::max(x[r * j.w + q] + s[r * j.stride * j.wb + q * j.stride], 0.f);
+    for (int64_t row = 0; row < j.n * j.h * j.w; ++row) {
+      const int64_t n = row / (j.h * j.w), h = row / j.w % j.h, w = row % j.w;
+      const float *x = pa + row * j.c, *s = pb + ((n * j.hb + h * j.stride) * j.wb + w * j.stride) * j.cb;
+      float *y = po + row * j.c;
+      for (int64_t k = 0; k < j.cb; ++k) y[k] = relu(x[k] + s[k]);
+      for (int64_t k = j.cb; k < j.c; ++k) y[k] = relu(x[k]);  // the zero channels
+    }
+  } else {
+    const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
+#pragma omp parallel for schedule(static)
+    for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
+      const int64_t n = nc / j.c, c = nc % j.c;
+      const float *x = pa + nc * plane, *s = pb + (n * j.cb + c) * plane_b;
+      float *y = po + nc * plane;
+      if (c >= j.cb) {
+        for (int64_t i = 0; i < plane; ++i) y[i] = relu(x[i]);
+      } else {
+        for (int64_t r = 0; r < j.h; ++r)
+          for (int64_t q = 0; q < j.w; ++q)
+            y[r * j.w + q] = relu(x[r * j.w + q] + s[r * j.stride * j.wb + q * j.stride]);
+      }
     }
   }
   return {out};
 }
 
 std::vector<paddle::Tensor> JoinBackward(const paddle::Tensor &b, const paddle::Tensor &out,
-                                         const paddle::Tensor &grad_out, int stride) {
-  Join j = join_of(out, b.shape(), stride);
+                                         const paddle::Tensor &grad_out, int stride, bool nhwc) {
+  Join j = join_of(out, b.shape(), stride, nhwc);
   paddle::Tensor grad_a = floats_like(out.shape()), grad_b = floats_like(b.shape());
   const float *po = out.data<float>(), *pg = grad_out.data<float>();
   float *ga = grad_a.data<float>(), *gb = grad_b.data<float>();
-  const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
+  if (j.identity()) {
+    const int64_t size = j.n * j.c * j.h * j.w;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < size; ++i) gb[i] = ga[i] = po[i] > 0.f ? pg[i] : 0.f;
+  } else if (nhwc) {
+    const int64_t size_b = j.n * j.hb * j.wb * j.cb;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < size_b; ++i) gb[i] = 0.f;  // the positions the subsample skipped
 #pragma omp parallel for schedule(static)
-  for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
-    const int64_t n = nc / j.c, c = nc % j.c;
-    const float *y = po + nc * plane, *g = pg + nc * plane;
-    float *da = ga + nc * plane;
-    if (c >= j.cb) {
-      for (int64_t i = 0; i < plane; ++i) da[i] = y[i] > 0.f ? g[i] : 0.f;
-    } else if (j.stride == 1) {
-      float *db = gb + (n * j.cb + c) * plane_b;
-      for (int64_t i = 0; i < plane; ++i) db[i] = da[i] = y[i] > 0.f ? g[i] : 0.f;
-    } else {
-      float *db = gb + (n * j.cb + c) * plane_b;
-      std::memset(db, 0, sizeof(float) * plane_b);  // the positions the subsample skipped
-      for (int64_t r = 0; r < j.h; ++r)
-        for (int64_t q = 0; q < j.w; ++q) {
-          float v = y[r * j.w + q] > 0.f ? g[r * j.w + q] : 0.f;
-          da[r * j.w + q] = v;
-          db[r * j.stride * j.wb + q * j.stride] = v;
-        }
+    for (int64_t row = 0; row < j.n * j.h * j.w; ++row) {
+      const int64_t n = row / (j.h * j.w), h = row / j.w % j.h, w = row % j.w;
+      const float *y = po + row * j.c, *g = pg + row * j.c;
+      float *da = ga + row * j.c, *db = gb + ((n * j.hb + h * j.stride) * j.wb + w * j.stride) * j.cb;
+      for (int64_t k = 0; k < j.c; ++k) da[k] = y[k] > 0.f ? g[k] : 0.f;
+      for (int64_t k = 0; k < j.cb; ++k) db[k] = da[k];
+    }
+  } else {
+    const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
+#pragma omp parallel for schedule(static)
+    for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
+      const int64_t n = nc / j.c, c = nc % j.c;
+      const float *y = po + nc * plane, *g = pg + nc * plane;
+      float *da = ga + nc * plane;
+      if (c >= j.cb) {
+        for (int64_t i = 0; i < plane; ++i) da[i] = y[i] > 0.f ? g[i] : 0.f;
+      } else {
+        float *db = gb + (n * j.cb + c) * plane_b;
+        std::memset(db, 0, sizeof(float) * plane_b);  // the positions the subsample skipped
+        for (int64_t r = 0; r < j.h; ++r)
+          for (int64_t q = 0; q < j.w; ++q) {
+            float v = y[r * j.w + q] > 0.f ? g[r * j.w + q] : 0.f;
+            da[r * j.w + q] = v;
+            db[r * j.stride * j.wb + q * j.stride] = v;
+          }
+      }
     }
   }
   return {grad_a, grad_b};
 }
 
 std::vector<std::vector<int64_t>> JoinInferShape(const std::vector<int64_t> &a, const std::vector<int64_t> &b,
-                                                 int stride) {
+                                                 int stride, bool nhwc) {
   return {a};
 }
 
@@ -242,7 +408,7 @@ std::vector<paddle::DataType> JoinInferDtype(const paddle::DataType &a, const pa
 PD_BUILD_OP(residual_join)
     .Inputs({"A", "B"})
     .Outputs({"Out"})
-    .Attrs({"stride: int"})
+    .Attrs({"stride: int", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(JoinForward))
     .SetInferShapeFn(PD_INFER_SHAPE(JoinInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(JoinInferDtype));
@@ -250,5 +416,5 @@ PD_BUILD_OP(residual_join)
 PD_BUILD_GRAD_OP(residual_join)
     .Inputs({"B", "Out", paddle::Grad("Out")})
     .Outputs({paddle::Grad("A"), paddle::Grad("B")})
-    .Attrs({"stride: int"})
+    .Attrs({"stride: int", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(JoinBackward));

@@ -66,20 +66,27 @@ def test_the_shape_list_is_complete():
     assert len(SHAPES) == 46
 
 
+@pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("x_shape,w_shape,stride,padding", SHAPES)
 @needs_op
-def test_forward_and_both_gradients_equal_paddles(x_shape, w_shape, stride, padding):
+def test_forward_and_both_gradients_equal_paddles(x_shape, w_shape, stride, padding, nhwc):
     rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
     x = paddle.to_tensor(rng.standard_normal(x_shape, dtype=np.float32), stop_gradient=False)
     w = paddle.to_tensor(rng.standard_normal(w_shape, dtype=np.float32) * 0.1, stop_gradient=False)
-    ours = OP.onednn_conv2d(x, w, stride, padding, True)
     ref = F.conv2d(x, w, stride=stride, padding=padding)
-    assert ours.shape == ref.shape
     grad = paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32))
-    for name, a, b in zip(("out", "grad x", "grad w"), [ours, *paddle.grad([ours], [x, w], [grad])],
-                          [ref, *paddle.grad([ref], [x, w], [grad])]):
-        a, b = a.numpy(), b.numpy()
-        relative = np.abs(a - b).max() / np.abs(b).max()
+    want = [ref, *paddle.grad([ref], [x, w], [grad])]
+    if nhwc:  # the same tensors in NHWC, the results turned back to compare
+        xt = paddle.to_tensor(x.numpy().transpose(0, 2, 3, 1), stop_gradient=False)
+        ours = OP.onednn_conv2d(xt, w, stride, padding, True, True)
+        got = [ours, *paddle.grad([ours], [xt, w], [paddle.to_tensor(grad.numpy().transpose(0, 2, 3, 1))])]
+        got = [got[0].numpy().transpose(0, 3, 1, 2), got[1].numpy().transpose(0, 3, 1, 2), got[2].numpy()]
+    else:
+        ours = OP.onednn_conv2d(x, w, stride, padding, True, False)
+        got = [t.numpy() for t in [ours, *paddle.grad([ours], [x, w], [grad])]]
+    for name, a, b in zip(("out", "grad x", "grad w"), got, want):
+        assert a.shape == tuple(b.shape), name
+        relative = np.abs(a - b.numpy()).max() / np.abs(b.numpy()).max()
         assert relative <= 1e-4, f"{name}: relative error {relative:.2e}"
 
 
@@ -127,12 +134,22 @@ def relative(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
+def nhwc(t):
+    return paddle.to_tensor(t.numpy().transpose(0, 2, 3, 1), stop_gradient=t.stop_gradient)
+
+
+def nchw(t):
+    return t.numpy().transpose(0, 3, 1, 2)
+
+
 @needs_op
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", NORM_SHAPES)
-def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu):
+def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu, layout):
     """The same arithmetic as Paddle's kernel (two-pass mean and biased variance): the
-    output, the three gradients and the running statistics agree to 1e-5 relative."""
+    output, the three gradients and the running statistics agree to 1e-5 relative, in
+    either layout (NHWC: the same tensors transposed, the results turned back)."""
     rng = np.random.default_rng(sum(shape))
     ours, theirs = paddle.nn.BatchNorm2D(shape[1]), paddle.nn.BatchNorm2D(shape[1])
     for layer in (ours, theirs):
@@ -140,13 +157,19 @@ def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu)
         layer.bias.set_value(np.linspace(-0.2, 0.3, shape[1]).astype(np.float32))
     x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2 + 0.5, stop_gradient=False)
     grad = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
-    y = onednn_conv.batch_norm(ours, x, relu)
     ref = theirs(x)
     ref = F.relu(ref) if relu else ref
-    got = [y, *paddle.grad([y], [x, ours.weight, ours.bias], [grad])]
-    want = [ref, *paddle.grad([ref], [x, theirs.weight, theirs.bias], [grad])]
+    want = [t.numpy() for t in [ref, *paddle.grad([ref], [x, theirs.weight, theirs.bias], [grad])]]
+    if layout == "nhwc":
+        xt = nhwc(x)
+        y = onednn_conv.batch_norm(ours, xt, relu, nhwc=True)
+        got = [y, *paddle.grad([y], [xt, ours.weight, ours.bias], [nhwc(grad)])]
+        got = [nchw(got[0]), nchw(got[1]), got[2].numpy(), got[3].numpy()]
+    else:
+        y = onednn_conv.batch_norm(ours, x, relu)
+        got = [t.numpy() for t in [y, *paddle.grad([y], [x, ours.weight, ours.bias], [grad])]]
     for name, a, b in zip(("out", "grad x", "grad scale", "grad shift"), got, want):
-        assert relative(a.numpy(), b.numpy()) <= 1e-5, name
+        assert relative(a, b) <= 1e-5, name
     for name in ("_mean", "_variance"):
         assert relative(getattr(ours, name).numpy(), getattr(theirs, name).numpy()) <= 1e-5, name
     ours.eval()  # evaluation: Paddle's own kernel on the running statistics
@@ -154,18 +177,26 @@ def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu)
 
 
 @needs_op
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("out_shape,in_shape,stride", JOIN_SHAPES)
-def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride):
+def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride, layout):
     """relu(out + shortcut(x)) and both gradients exactly (the same sums in one pass)."""
     rng = np.random.default_rng(sum(out_shape) + stride)
     out = paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32), stop_gradient=False)
     x = paddle.to_tensor(rng.standard_normal(in_shape, dtype=np.float32), stop_gradient=False)
     shortcut = models.ZeroPadShortcut(in_shape[1], out_shape[1], stride) if stride > 1 else None
-    y = onednn_conv.join(out, x, shortcut)
     ref = F.relu(out + (shortcut(x) if shortcut else x))
     grad = paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32))
-    for a, b in zip([y, *paddle.grad([y], [out, x], [grad])], [ref, *paddle.grad([ref], [out, x], [grad])]):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    want = [t.numpy() for t in [ref, *paddle.grad([ref], [out, x], [grad])]]
+    if layout == "nhwc":
+        ot, xt = nhwc(out), nhwc(x)
+        y = onednn_conv.join(ot, xt, shortcut, nhwc=True)
+        got = [nchw(t) for t in [y, *paddle.grad([y], [ot, xt], [nhwc(grad)])]]
+    else:
+        y = onednn_conv.join(out, x, shortcut)
+        got = [t.numpy() for t in [y, *paddle.grad([y], [out, x], [grad])]]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_op
@@ -195,7 +226,7 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32))
     model.eval()
     before, names = model(x).numpy(), list(model.state_dict())
-    assert onednn_conv.use_in(model) == dict(conv=19, norm=19, join=9)
+    assert onednn_conv.use_in(model) == dict(conv=19, norm=19, join=9, layout="nhwc")
     after = model(x).numpy()
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
     assert list(model.state_dict()) == names
