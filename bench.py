@@ -17,6 +17,8 @@ and allocators do not interfere, and prints them side by side:
   inference      ours exported with paddle.jit.save, run by paddle.inference (eval only)
   torch          the same architecture in PyTorch (optional: pip install torch==2.13.0), NCHW
   torch+cl       the same in channels_last (model and input), what a tuned PyTorch user picks on a CPU
+  ours+bf16      ours+onednn training in bf16 (--amp --amp-dtype bfloat16 on a CPU with amx_bf16 or avx512_bf16)
+  torch+bf16     torch+cl under torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's own bf16 CPU recipe
 --pipeline times the input pipeline alone (DataLoader + training transforms on the
 real archive); --loop times one real epoch and reports its wall time over the sum of
 its compute steps (the loop's overhead).
@@ -35,7 +37,7 @@ import models  # noqa: F401  (CPU settings before paddle loads)
 import config
 from config import UserError
 
-IMPLS = ("ours", "ours+onednn", "paddle.vision", "inference", "torch", "torch+cl")
+IMPLS = ("ours", "ours+onednn", "ours+bf16", "paddle.vision", "inference", "torch", "torch+cl", "torch+bf16")
 # the networks torch_model writes in PyTorch: the ImageNet-family ResNets and the paper's CIFAR ones
 TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                 "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -44,15 +46,20 @@ TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 # ------------------------------------------------------------------ model builders
 def paddle_model(impl, name, stem, num_classes):
     import paddle.nn as nn
-    if impl in ("ours", "ours+onednn"):
+    if impl in ("ours", "ours+onednn", "ours+bf16"):
         model = models.get_model(name, num_classes=num_classes, stem=stem)
-        if impl == "ours+onednn":
+        if impl != "ours":
             import onednn_conv
             op, why_not = onednn_conv.load()
             if op is None:
                 raise UserError(f"--impl ours+onednn: {why_not}")
+            if impl == "ours+bf16":
+                import device as devices
+                if devices.cpu_bf16_units(devices.cpu_flags()) is None:
+                    raise UserError("--impl ours+bf16 needs a CPU with amx_bf16 or avx512_bf16")
             onednn_conv.use_in(model, ops=tuple(os.environ.get("ONEDNN_OPS", "conv,norm,join").split(",")),
-                               layout=os.environ.get("ONEDNN_LAYOUT", "nhwc"))
+                               layout=os.environ.get("ONEDNN_LAYOUT", "nhwc"),
+                               dtype="bfloat16" if impl == "ours+bf16" else "float32")
         return model
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):
@@ -183,15 +190,15 @@ def bench_paddle(args):
             times = time_steps(lambda: predictor(batch), args.steps, args.warmup)
         return times, device
     model = paddle_model(args.impl, args.model, args.stem, args.num_classes)
-    if args.to_static:
-        model = paddle.jit.to_static(model)
+    if args.to_static:  # backend=None: 3.x would pick CINN on a GPU build (as engine.wrap_for_training)
+        model = paddle.jit.to_static(model, backend=None)
     if args.mode == "train":
         model.train()
         opt = paddle.optimizer.Momentum(0.01, momentum=0.9, parameters=model.parameters(), weight_decay=5e-4)
         scaler = paddle.amp.GradScaler(enable=args.amp and args.amp_dtype == "float16")  # as the real loop
 
         def step():
-            with paddle.amp.auto_cast(enable=args.amp, dtype=args.amp_dtype):
+            with paddle.amp.auto_cast(enable=args.amp and device == "gpu", dtype=args.amp_dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.astype("float32"), y)
             scaler.scale(loss).backward()
@@ -203,7 +210,7 @@ def bench_paddle(args):
 
         @paddle.no_grad()
         def step():
-            with paddle.amp.auto_cast(enable=args.amp, dtype=args.amp_dtype):
+            with paddle.amp.auto_cast(enable=args.amp and device == "gpu", dtype=args.amp_dtype):
                 model(x)
     return time_steps(step, args.steps, args.warmup, sync), device
 
@@ -220,8 +227,9 @@ def bench_torch(args):
     device = "cuda" if args.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
     model = torch_model(args.model, args.stem, args.num_classes).to(device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    if args.impl == "torch+cl":
+    if args.impl in ("torch+cl", "torch+bf16"):
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    autocast = args.impl == "torch+bf16" or args.amp
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if args.mode == "train":
@@ -229,7 +237,10 @@ def bench_torch(args):
         opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
 
         def step():
-            loss = TF.cross_entropy(model(x), y)
+            with torch.autocast(device, dtype=torch.bfloat16 if args.impl == "torch+bf16" else
+                                (torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16), enabled=autocast):
+                logits = model(x)
+            loss = TF.cross_entropy(logits.float(), y)
             loss.backward()
             opt.step()
             opt.zero_grad()

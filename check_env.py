@@ -37,6 +37,11 @@ def report(facts):
     lines.append(f"CPU threads (OMP_NUM_THREADS): {facts['cpu_threads']}")
     if facts.get("cpu_conv"):
         lines.append(f"CPU training convolutions: {facts['cpu_conv']}")
+    if "cpu_bf16" in facts:
+        lines.append("CPU bf16 training (--amp --amp-dtype bfloat16): " + (
+            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] and facts.get("cpu_conv_ok") else
+            "no: it runs on onednn_conv/, which is not available here" if facts["cpu_bf16"] else
+            "no: this CPU has neither amx_bf16 nor avx512_bf16"))
     return lines
 
 
@@ -60,6 +65,7 @@ def main(argv=None):
     facts = devices.gpu_facts(probe=True)
     op, why_not = onednn_conv.load()
     facts["cpu_conv"] = "the oneDNN operator (onednn_conv/)" if op else f"Paddle's kernel ({why_not})"
+    facts["cpu_conv_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(devices.cpu_flags())
     print("\n".join(report(facts)))
     status, last = verdict(facts, args.require_gpu)
     if status:

@@ -104,14 +104,53 @@ def gpu_problem(facts):
 
 
 # -------------------------------------------------------------- training options
-def training_plan(cfg, paddle_version, device, cap=None, world=1):
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo), empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def cpu_bf16_units(flags):
+    """Which units would run bf16 training on a CPU with ``flags``: "AMX" (amx_bf16, Intel
+    Sapphire Rapids and later), "AVX512-BF16" (avx512_bf16 alone, e.g. AMD Zen 4), or None."""
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def cpu_amp_plan(cfg, flags):
+    """``--amp`` on the CPU: bf16 O1 on onednn_conv/'s operators, where the CPU has bf16
+    units (Paddle's own CPU kernels have no bf16 training path). Returns the units."""
+    if cfg.amp_dtype != "bfloat16":
+        raise UserError("--amp-dtype float16 needs a GPU; a CPU trains in bf16 where it has bf16 units: "
+                        "--amp --amp-dtype bfloat16, or drop --amp")
+    units = cpu_bf16_units(flags)
+    if units is None:
+        raise UserError("--amp --amp-dtype bfloat16 on the CPU needs bf16 units: this CPU's flags have neither "
+                        "amx_bf16 nor avx512_bf16; drop --amp")
+    if cfg.amp_level != "O1":
+        raise UserError("--amp-level O2 is for GPUs; on the CPU bf16 runs as O1 (fp32 weights, bf16 compute): "
+                        "drop --amp-level O2")
+    if cfg.conv != "onednn" or cfg.to_static:
+        raise UserError("bf16 on the CPU runs on onednn_conv/'s operators: drop --conv paddle and --to-static")
+    return units
+
+
+def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=()):
     """The settings a training run will really use on ``device`` (compute capability
-    ``cap`` for a GPU), or UserError for a combination that cannot work. Pure: the facts
-    come in as arguments, so every GPU combination is tested on a CPU."""
+    ``cap`` for a GPU, CPU ``flags``), or UserError for a combination that cannot work.
+    Pure: the facts come in as arguments, so every combination is tested anywhere."""
     major = int(paddle_version.split(".")[0])  # a develop build says 0.0.0: treat it as new
+    if cfg.amp and device != "gpu":
+        units = cpu_amp_plan(cfg, flags)
+        return dict(amp=True, amp_dtype="bfloat16", amp_level="O1", loss_scaling=False, fp32_eval_copy=False,
+                    cudnn_deterministic=False, cpu_bf16=units)
     if cfg.amp:
-        if device != "gpu":
-            raise UserError("--amp needs a GPU: Paddle's CPU kernels have no fp16/bf16 training path; drop --amp")
         need = MIN_CAPABILITY[cfg.amp_dtype]
         if cap is not None and tuple(cap) < need:
             other = amp_dtypes(cap)
@@ -131,7 +170,7 @@ def training_plan(cfg, paddle_version, device, cap=None, world=1):
     return dict(amp=cfg.amp, amp_dtype=cfg.amp_dtype, amp_level=cfg.amp_level,
                 loss_scaling=cfg.amp and cfg.amp_dtype == "float16",  # bf16 has fp32's range: no scaler
                 fp32_eval_copy=cfg.amp and cfg.amp_level == "O2",
-                cudnn_deterministic=device == "gpu" and cfg.deterministic)
+                cudnn_deterministic=device == "gpu" and cfg.deterministic, cpu_bf16=None)
 
 
 def describe(device):

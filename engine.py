@@ -78,8 +78,9 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, boar
     train_net.train()
     steps = run.step + len(loader)  # this epoch's batches, the ones done before a resume included
     t0, seen0, step0 = time.time(), run.seen, run.step
+    autocast = cfg.amp and not paddle.get_device().startswith("cpu")  # on the CPU bf16 is onednn_conv/'s
     for images, labels in loader:
-        with paddle.amp.auto_cast(enable=cfg.amp, level=cfg.amp_level, dtype=cfg.amp_dtype):
+        with paddle.amp.auto_cast(enable=autocast, level=cfg.amp_level, dtype=cfg.amp_dtype):
             logits = train_net(images)
         loss = loss_of(logits, labels, cfg.label_smoothing)
         scaler.scale(loss).backward()
@@ -208,7 +209,7 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
             repair_record(cfg, resume_state, run)
         log_resumed(cfg, run, sched, batches.per_epoch)
     # wrap for training: ``model`` stays the plain network, checkpoints are written from it
-    conv = choose_conv(model, cfg, device)
+    conv = choose_conv(model, cfg, device, plan)
     train_net, opt = wrap_for_training(model, opt, cfg, world)
     if me == 0:
         files.write_yaml(os.path.join(out, "config.yaml"), config.to_dict(cfg))
@@ -276,7 +277,7 @@ def set_up(cfg):
     device = devices.select_device(cfg.device)
     world, me = launch.init_distributed()
     cap = devices.capability(devices.gpu_facts()) if device == "gpu" else None
-    plan = devices.training_plan(cfg, paddle.__version__, device, cap, world)
+    plan = devices.training_plan(cfg, paddle.__version__, device, cap, world, devices.cpu_flags())
     if plan["cudnn_deterministic"]:
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
     if device == "cpu" and models.KEEPS_FREED_MEMORY:
@@ -366,20 +367,27 @@ def wrap_for_training(model, opt, cfg, world):
     return train_net, opt
 
 
-def choose_conv(model, cfg, device):
-    """The switch to the oneDNN convolution (onednn_conv/): on the CPU, with --conv onednn,
-    the model's Conv2D layers run on it when it builds and passes its self-check here;
-    otherwise they keep Paddle's kernel and the log says why. Returns which is used."""
+def choose_conv(model, cfg, device, plan=None):
+    """The switch to onednn_conv/'s operators: on the CPU, with --conv onednn, the model
+    trains on them when they build and pass their self-check here (in bf16 when the plan
+    says so); otherwise on Paddle's kernels, and the log says why. Returns which is used."""
+    bf16 = (plan or {}).get("cpu_bf16")
     if cfg.conv != "onednn" or device != "cpu":
         return "paddle"
     if cfg.to_static:  # dy2static cannot trace a forward replaced on an instance
         log("notice: convolutions on Paddle's kernel (--to-static compiles Paddle's conv2d; the oneDNN operator is for dygraph)")
         return "paddle"
     op, why_not = onednn_conv.load()
+    if op is None and bf16:
+        raise UserError(f"--amp --amp-dtype bfloat16 on the CPU runs on onednn_conv/'s operators, which cannot be "
+                        f"used here ({why_not}); drop --amp")
     if op is None:
         log(f"notice: convolutions on Paddle's kernel ({why_not})")
         return "paddle"
-    n = onednn_conv.use_in(model)
+    n = onednn_conv.use_in(model, dtype="bfloat16" if bf16 else "float32")
+    if bf16:
+        log(f"mixed precision: bf16 on {bf16} (activations and their gradients bf16; weights, their gradients, "
+            "BatchNorm statistics and the loss fp32; evaluation fp32)")
     log(f"convolutions: {n['conv']} layers on the oneDNN operator, BatchNorm(+ReLU): {n['norm']}, residual joins: "
         f"{n['join']} (onednn_conv/; --conv paddle for Paddle's)")
     return "onednn"

@@ -206,14 +206,17 @@ def compile_op():
 
 
 def self_check(op):
-    """Forward and both gradients against Paddle's conv2d on two small shapes."""
+    """Forward and both gradients against Paddle's conv2d on two small shapes, on the CPU
+    whatever the default device is (on a GPU build it is GPU 0, where the operator does
+    not run: GPU audit 2, N4)."""
     rng = np.random.default_rng(0)
+    cpu = paddle.CPUPlace()
     for stride, padding, r in ((1, 1, 3), (2, 0, 1)):
-        x = paddle.to_tensor(rng.standard_normal((2, 8, 7, 7), dtype=np.float32), stop_gradient=False)
-        w = paddle.to_tensor(rng.standard_normal((16, 8, r, r), dtype=np.float32), stop_gradient=False)
+        x = paddle.to_tensor(rng.standard_normal((2, 8, 7, 7), dtype=np.float32), place=cpu, stop_gradient=False)
+        w = paddle.to_tensor(rng.standard_normal((16, 8, r, r), dtype=np.float32), place=cpu, stop_gradient=False)
         ours = op.onednn_conv2d(x, w, stride, padding, True, False)
         ref = F.conv2d(x, w, stride=stride, padding=padding)
-        grad = paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32))
+        grad = paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32), place=cpu)
         pairs = zip([ours, *paddle.grad([ours], [x, w], [grad])], [ref, *paddle.grad([ref], [x, w], [grad])])
         for a, b in pairs:
             error = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
@@ -253,11 +256,16 @@ def on_cpu_fp32(*tensors):
     return all(t.dtype == paddle.float32 and t.place.is_cpu_place() for t in tensors)
 
 
+def on_cpu_ours(x, *params):
+    """``x`` float32 or bfloat16 (the operators' activations) and ``params`` float32, all on the CPU."""
+    return x.dtype in (paddle.float32, paddle.bfloat16) and x.place.is_cpu_place() and on_cpu_fp32(*params)
+
+
 def conv_forward(layer, x):
     """Conv2D.forward of a covered layer (bound to it by use_in), on activations in the
     layout use_in chose (layer._onednn_nhwc)."""
     stride, padding = layer._onednn_conv
-    if not on_cpu_fp32(x, layer.weight):
+    if not on_cpu_ours(x, layer.weight):
         return F.conv2d(x, layer.weight, stride=stride, padding=padding,
                         data_format="NHWC" if layer._onednn_nhwc else "NCHW")
     if hasattr(x, "is_contiguous") and not x.is_contiguous():
@@ -271,7 +279,7 @@ def batch_norm(layer, x, relu=False, nhwc=False):
     as Paddle's kernel does: momentum on the biased batch variance, in place, so names
     and checkpoints stay. Evaluation, frozen statistics (fine-tuning's last/head) and
     anything but float32 on the CPU keep Paddle's kernel."""
-    if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_fp32(x, layer.weight):
+    if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
         y = F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
                          momentum=layer._momentum, epsilon=layer._epsilon, data_format="NHWC" if nhwc else "NCHW",
                          use_global_stats=layer._use_global_stats)
@@ -296,7 +304,7 @@ def join(out, x, downsample, nhwc=False):
         stride = downsample.stride
     elif downsample is not None:
         x = downsample(x)
-    if not on_cpu_fp32(out, x):
+    if not (on_cpu_ours(out) and x.dtype == out.dtype):
         if isinstance(downsample, ZeroPadShortcut):
             x = downsample(x.transpose([0, 3, 1, 2])).transpose([0, 2, 3, 1]) if nhwc else downsample(x)
         return F.relu(out + x)
@@ -332,32 +340,40 @@ def resnet_forward(model, x):
     nhwc = model._onednn_nhwc
     if nhwc:
         x = x.transpose([0, 2, 3, 1])
+    if model._onednn_bf16 and model.training:  # bf16 from the first convolution; evaluation stays fp32
+        x = x.astype("bfloat16")
     x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc)
     if model.maxpool is not None:
         x = F.max_pool2d(x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW")
     for stage in model.stages:
         x = stage(x)
-    if model.with_pool:
-        x = x.mean(axis=[1, 2]) if nhwc else paddle.flatten(model.avgpool(x), 1)
+    if model.with_pool:  # the pooled features in fp32, for the classifier and the loss
+        x = x.astype("float32").mean(axis=[1, 2]) if nhwc else paddle.flatten(model.avgpool(x), 1)
     return model.fc(x) if model.num_classes > 0 else x
 
 
-def use_in(model, ops=("conv", "norm", "join"), layout="nhwc"):
+def use_in(model, ops=("conv", "norm", "join"), layout="nhwc", dtype="float32"):
     """Make ``model`` train on the operators (load() must have succeeded): every covered
     Conv2D ("conv"), and in the blocks of models/ BatchNorm with its ReLU ("norm") and the
     residual join ("join"). ``layout="nhwc"`` (with all three, for a ResNet of models/ with
     its pool and classifier) keeps the activations NHWC from the input to the pooled
-    features: oneDNN's convolutions then need no reorder of them. Only forwards change:
-    parameters, their names and checkpoints do not. Returns how many layers each one took."""
+    features: oneDNN's convolutions then need no reorder of them. ``dtype="bfloat16"``
+    (NHWC only) trains with bf16 activations and gradients between the operators, fp32
+    weights, weight gradients, BN statistics and classifier; evaluation runs in fp32.
+    Only forwards change: parameters, their names and checkpoints do not. Returns how
+    many layers each one took."""
     if not _loaded.get("op"):
         raise RuntimeError("onednn_conv.load() did not succeed: " + str(_loaded.get("why_not")))
     from models.resnet import BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet
     fused = "norm" in ops and "join" in ops
     nhwc = (layout == "nhwc" and fused and "conv" in ops and type(model) is ResNet and model.with_pool
             and model.num_classes > 0 and all(covered(l) for l in model.sublayers() if isinstance(l, nn.Conv2D)))
-    counts = dict(conv=0, norm=0, join=0, layout="nhwc" if nhwc else "nchw")
+    if dtype == "bfloat16" and not nhwc:
+        raise ValueError("bfloat16 training runs on the NHWC path: a ResNet of models/ with its pool and classifier")
+    counts = dict(conv=0, norm=0, join=0, layout="nhwc" if nhwc else "nchw", dtype=dtype)
     for layer in model.sublayers(include_self=True):
         layer._onednn_nhwc = nhwc
+        layer._onednn_bf16 = dtype == "bfloat16"
         how = covered(layer)
         if "conv" in ops and how is not None:
             layer._onednn_conv = how

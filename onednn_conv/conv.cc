@@ -1,7 +1,9 @@
 // A 2-D convolution for training on the CPU, on oneDNN primitives, as a Paddle custom
 // operator: forward, and one backward that gives the input and the weight gradients.
 //
-// Covers what ResNets use: float32 NCHW (or, with nhwc, NHWC) input, OIHW weights, square kernel, one stride
+// Covers what ResNets use: float32 or bfloat16 NCHW (or, with nhwc, NHWC) input, float32
+// OIHW weights (converted to bfloat16 per call for a bfloat16 input; their gradient is
+// float32 either way), square kernel, one stride
 // and one padding for both axes, no bias, no dilation, groups 1. The Python side
 // (onednn_conv/__init__.py) checks that before calling and falls back to Paddle's conv2d
 // otherwise. Tensors stay in Paddle's plain NCHW/OIHW layout between calls: each call
@@ -38,10 +40,12 @@ dnnl::stream &cpu_stream() {
 struct Shape {
   int64_t n, c, h, w, k, r, stride, pad;
   bool nhwc;  // the activations' layout: NHWC tensors, or NCHW
+  bool bf16;  // the activations (and their gradients) in bfloat16; weights and their gradients float32
   bool operator==(const Shape &o) const {
     return n == o.n && c == o.c && h == o.h && w == o.w && k == o.k && r == o.r &&
-           stride == o.stride && pad == o.pad && nhwc == o.nhwc;
+           stride == o.stride && pad == o.pad && nhwc == o.nhwc && bf16 == o.bf16;
   }
+  memory::data_type act() const { return bf16 ? memory::data_type::bf16 : memory::data_type::f32; }
   Tag user() const { return nhwc ? Tag::nhwc : Tag::nchw; }
   // the primitives' activations: NHWC as they are (no reorder); for NCHW, oneDNN's choice
   Tag inside() const { return nhwc ? Tag::nhwc : Tag::any; }
@@ -50,9 +54,13 @@ struct Shape {
   }
   int64_t out_h() const { return (h + 2 * pad - r) / stride + 1; }
   int64_t out_w() const { return (w + 2 * pad - r) / stride + 1; }
-  memory::desc src(Tag tag) const { return {{n, c, h, w}, memory::data_type::f32, tag}; }
-  memory::desc weights(Tag tag) const { return {{k, c, r, r}, memory::data_type::f32, tag}; }
-  memory::desc dst(Tag tag) const { return {{n, k, out_h(), out_w()}, memory::data_type::f32, tag}; }
+  memory::desc src(Tag tag) const { return {{n, c, h, w}, act(), tag}; }
+  memory::desc dst(Tag tag) const { return {{n, k, out_h(), out_w()}, act(), tag}; }
+  // the parameter (and its gradient) as Paddle holds it: float32 OIHW
+  memory::desc weights_user() const { return {{k, c, r, r}, memory::data_type::f32, Tag::oihw}; }
+  // what the primitives read: the activations' type, oneDNN's layout (converted per call)
+  memory::desc weights_inside() const { return {{k, c, r, r}, act(), Tag::any}; }
+  memory::desc diff_weights_inside() const { return {{k, c, r, r}, memory::data_type::f32, Tag::any}; }
   Dims strides() const { return {stride, stride}; }
   Dims padding() const { return {pad, pad}; }
 };
@@ -60,7 +68,8 @@ struct Shape {
 struct ShapeHash {
   size_t operator()(const Shape &s) const {
     size_t h = 0;
-    for (int64_t v : {s.n, s.c, s.h, s.w, s.k, s.r, s.stride, s.pad, int64_t(s.nhwc)}) h = h * 1000003u + size_t(v);
+    for (int64_t v : {s.n, s.c, s.h, s.w, s.k, s.r, s.stride, s.pad, int64_t(s.nhwc), int64_t(s.bf16)})
+      h = h * 1000003u + size_t(v);
     return h;
   }
 };
@@ -92,7 +101,7 @@ Primitives &primitives_for(const Shape &s, bool backward) {
     Primitives p;
     p.fwd_pd = dnnl::convolution_forward::primitive_desc(
         cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-        s.src(s.inside()), s.weights(Tag::any), s.dst(s.inside()), s.strides(), s.padding(),
+        s.src(s.inside()), s.weights_inside(), s.dst(s.inside()), s.strides(), s.padding(),
         s.padding(), user_scratchpad());
     p.fwd = dnnl::convolution_forward(p.fwd_pd);
     it = cache.emplace(s, std::move(p)).first;
@@ -100,11 +109,11 @@ Primitives &primitives_for(const Shape &s, bool backward) {
   Primitives &p = it->second;
   if (backward && !p.has_backward) {
     p.data_pd = dnnl::convolution_backward_data::primitive_desc(
-        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.inside()), s.weights(Tag::any),
+        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.inside()), s.weights_inside(),
         s.dst(s.inside()), s.strides(), s.padding(), s.padding(), p.fwd_pd, user_scratchpad());
     p.bwd_data = dnnl::convolution_backward_data(p.data_pd);
     p.weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.inside()), s.weights(Tag::any),
+        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.inside()), s.diff_weights_inside(),
         s.dst(s.inside()), s.strides(), s.padding(), s.padding(), p.fwd_pd, user_scratchpad());
     p.bwd_weights = dnnl::convolution_backward_weights(p.weights_pd);
     p.has_backward = true;
@@ -140,19 +149,23 @@ void copy_back(memory &result, memory &user) {
 }
 
 memory wrap(const memory::desc &desc, const paddle::Tensor &t) {
-  return memory(desc, cpu_engine(), const_cast<float *>(t.data<float>()));
+  void *data = t.dtype() == paddle::DataType::BFLOAT16
+                   ? static_cast<void *>(const_cast<paddle::bfloat16 *>(t.data<paddle::bfloat16>()))
+                   : static_cast<void *>(const_cast<float *>(t.data<float>()));
+  return memory(desc, cpu_engine(), data);
 }
 
 Shape shape_of(const paddle::Tensor &x, const paddle::Tensor &w, int stride, int padding, bool nhwc) {
   PD_CHECK(x.is_cpu() && w.is_cpu(), "onednn_conv2d: CPU tensors only");
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32,
-           "onednn_conv2d: float32 only");
+  PD_CHECK((x.dtype() == paddle::DataType::FLOAT32 || x.dtype() == paddle::DataType::BFLOAT16) &&
+               w.dtype() == paddle::DataType::FLOAT32,
+           "onednn_conv2d: float32 or bfloat16 input, float32 weights");
   auto xs = x.shape(), ws = w.shape();
   PD_CHECK(xs.size() == 4 && ws.size() == 4, "onednn_conv2d: 4-D input and weight expected");
   const int64_t c = nhwc ? xs[3] : xs[1], h = nhwc ? xs[1] : xs[2], w_ = nhwc ? xs[2] : xs[3];
   PD_CHECK(ws[1] == c && ws[2] == ws[3], "onednn_conv2d: weight must be [K, C, R, R]");
   PD_CHECK(stride >= 1 && padding >= 0, "onednn_conv2d: bad stride or padding");
-  return Shape{xs[0], c, h, w_, ws[0], ws[2], stride, padding, nhwc};
+  return Shape{xs[0], c, h, w_, ws[0], ws[2], stride, padding, nhwc, x.dtype() == paddle::DataType::BFLOAT16};
 }
 
 void execute(dnnl::primitive &prim, const memory::desc &scratchpad,
@@ -168,10 +181,10 @@ std::vector<paddle::Tensor> ConvForward(const paddle::Tensor &x, const paddle::T
   Shape s = shape_of(x, weight, stride, padding, nhwc);
   Primitives &p = primitives_for(s, false);
   std::vector<paddle::Tensor> keep;
-  paddle::Tensor out = paddle::empty(s.out_shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  paddle::Tensor out = paddle::empty(s.out_shape(), x.dtype(), paddle::CPUPlace());
   memory out_user = wrap(s.dst(s.user()), out);
   memory src = in_layout(wrap(s.src(s.user()), x), p.fwd_pd.src_desc(), &keep);
-  memory wei = in_layout(wrap(s.weights(Tag::oihw), weight), p.fwd_pd.weights_desc(), &keep);
+  memory wei = in_layout(wrap(s.weights_user(), weight), p.fwd_pd.weights_desc(), &keep);
   memory dst = out_layout(out_user, p.fwd_pd.dst_desc(), &keep);
   execute(p.fwd, p.fwd_pd.scratchpad_desc(),
           {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}}, &keep);
@@ -186,17 +199,17 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor &x, const paddle::
   Shape s = shape_of(x, weight, stride, padding, nhwc);
   Primitives &p = primitives_for(s, true);
   std::vector<paddle::Tensor> keep;
-  paddle::Tensor grad_x = paddle::empty(input_grad ? x.shape() : std::vector<int64_t>{1},
-                                        paddle::DataType::FLOAT32, paddle::CPUPlace());
+  paddle::Tensor grad_x = paddle::empty(input_grad ? x.shape() : std::vector<int64_t>{1}, x.dtype(),
+                                        paddle::CPUPlace());
   paddle::Tensor grad_w = paddle::empty(weight.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
-  memory gw_user = wrap(s.weights(Tag::oihw), grad_w);
+  memory gw_user = wrap(s.weights_user(), grad_w);
   memory gy_user = wrap(s.dst(s.user()), grad_out);
 
   // Input gradient: grad_x = conv_transpose(grad_out, weight), unless the input needs
   // none (the images entering the first layer): then it is a placeholder of one element.
   memory gy = in_layout(gy_user, p.data_pd.diff_dst_desc(), &keep);
   if (input_grad) {
-    memory wei = in_layout(wrap(s.weights(Tag::oihw), weight), p.data_pd.weights_desc(), &keep);
+    memory wei = in_layout(wrap(s.weights_user(), weight), p.data_pd.weights_desc(), &keep);
     memory gx_user = wrap(s.src(s.user()), grad_x);
     memory gx = out_layout(gx_user, p.data_pd.diff_src_desc(), &keep);
     execute(p.bwd_data, p.data_pd.scratchpad_desc(),

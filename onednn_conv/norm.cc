@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -26,6 +27,29 @@ namespace {
 paddle::Tensor floats_like(const std::vector<int64_t> &shape) {
   return paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
 }
+
+// bfloat16 activations: loaded as float, stored rounded to the nearest even (as oneDNN and
+// PyTorch round). A NaN may come out as inf, which stops a run as surely (engine.check_finite).
+using bf16 = paddle::bfloat16;
+inline float load(const float *p, int64_t i) { return p[i]; }
+inline float load(const bf16 *p, int64_t i) {
+  uint32_t u = uint32_t(reinterpret_cast<const uint16_t *>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float *p, int64_t i, float v) { p[i] = v; }
+inline void store(bf16 *p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  reinterpret_cast<uint16_t *>(p)[i] = uint16_t(u >> 16);
+}
+
+template <typename T>
+const T *data_of(const paddle::Tensor &t) { return t.data<T>(); }
+template <typename T>
+T *data_of(paddle::Tensor &t) { return t.data<T>(); }
 
 struct Planes {  // x: [n, c, h, w] float32: channel c is n planes of h * w values
   int64_t n, c, plane;
@@ -167,24 +191,28 @@ std::vector<double> channel_sums(int64_t rows, int64_t c, int terms, AddRow add_
 
 }  // namespace
 
+template <typename T>
 std::vector<paddle::Tensor> NormForwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
                                             const paddle::Tensor &shift, float epsilon, bool relu) {
   auto s = x.shape();
   const int64_t c = s[3], rows = s[0] * s[1] * s[2];
-  paddle::Tensor y = floats_like(s), mean = floats_like({c}), variance = floats_like({c});
-  const float *px = x.data<float>(), *pw = scale.data<float>(), *pb = shift.data<float>();
-  float *py = y.data<float>(), *pm = mean.data<float>(), *pv = variance.data<float>();
+  paddle::Tensor y = paddle::empty(s, x.dtype(), paddle::CPUPlace()), mean = floats_like({c}),
+                 variance = floats_like({c});
+  const T *px = data_of<T>(x);
+  T *py = data_of<T>(y);
+  const float *pw = scale.data<float>(), *pb = shift.data<float>();
+  float *pm = mean.data<float>(), *pv = variance.data<float>();
   std::vector<double> sum = channel_sums(rows, c, 1, [&](int64_t r, float *acc) {
-    const float *v = px + r * c;
+    const T *v = px + r * c;
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) acc[k] += v[k];
+    for (int64_t k = 0; k < c; ++k) acc[k] += load(v, k);
   });
   std::vector<float> m(c), a(c), b(c);
   for (int64_t k = 0; k < c; ++k) m[k] = float(sum[k] / double(rows));
   std::vector<double> squares = channel_sums(rows, c, 1, [&](int64_t r, float *acc) {
-    const float *v = px + r * c;
+    const T *v = px + r * c;
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) acc[k] += (v[k] - m[k]) * (v[k] - m[k]);
+    for (int64_t k = 0; k < c; ++k) acc[k] += (load(v, k) - m[k]) * (load(v, k) - m[k]);
   });
   for (int64_t k = 0; k < c; ++k) {
     const float var = float(squares[k] / double(rows));
@@ -195,36 +223,39 @@ std::vector<paddle::Tensor> NormForwardNHWC(const paddle::Tensor &x, const paddl
   }
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float *v = px + r * c;
-    float *out = py + r * c;
+    const T *v = px + r * c;
+    T *out = py + r * c;
     if (relu) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) out[k] = std::max(v[k] * a[k] + b[k], 0.f);
+      for (int64_t k = 0; k < c; ++k) store(out, k, std::max(load(v, k) * a[k] + b[k], 0.f));
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) out[k] = v[k] * a[k] + b[k];
+      for (int64_t k = 0; k < c; ++k) store(out, k, load(v, k) * a[k] + b[k]);
     }
   }
   return {y, mean, variance};
 }
 
+template <typename T>
 std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
                                              const paddle::Tensor &y, const paddle::Tensor &mean,
                                              const paddle::Tensor &variance, const paddle::Tensor &grad_y,
                                              float epsilon, bool relu) {
   auto s = x.shape();
   const int64_t c = s[3], rows = s[0] * s[1] * s[2];
-  paddle::Tensor grad_x = floats_like(s), grad_scale = floats_like({c}), grad_shift = floats_like({c});
-  const float *px = x.data<float>(), *pw = scale.data<float>(), *py = y.data<float>(), *pm = mean.data<float>(),
-              *pv = variance.data<float>(), *pg = grad_y.data<float>();
-  float *gx = grad_x.data<float>(), *gw = grad_scale.data<float>(), *gb = grad_shift.data<float>();
+  paddle::Tensor grad_x = paddle::empty(s, x.dtype(), paddle::CPUPlace()), grad_scale = floats_like({c}),
+                 grad_shift = floats_like({c});
+  const T *px = data_of<T>(x), *py = data_of<T>(y), *pg = data_of<T>(grad_y);
+  const float *pw = scale.data<float>(), *pm = mean.data<float>(), *pv = variance.data<float>();
+  T *gx = data_of<T>(grad_x);
+  float *gw = grad_scale.data<float>(), *gb = grad_shift.data<float>();
   std::vector<double> sums = channel_sums(rows, c, 2, [&](int64_t r, float *acc) {
-    const float *v = px + r * c, *g = pg + r * c, *out = py + r * c;
+    const T *v = px + r * c, *g = pg + r * c, *out = py + r * c;
 #pragma omp simd
     for (int64_t k = 0; k < c; ++k) {
-      const float gk = (!relu || out[k] > 0.f) ? g[k] : 0.f;
+      const float gk = (!relu || load(out, k) > 0.f) ? load(g, k) : 0.f;
       acc[k] += gk;
-      acc[c + k] += gk * (v[k] - pm[k]);
+      acc[c + k] += gk * (load(v, k) - pm[k]);
     }
   });
   std::vector<float> a(c), mean_g(c), k_x(c);
@@ -238,12 +269,12 @@ std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const padd
   }
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float *v = px + r * c, *g = pg + r * c, *out = py + r * c;
-    float *dx = gx + r * c;
+    const T *v = px + r * c, *g = pg + r * c, *out = py + r * c;
+    T *dx = gx + r * c;
 #pragma omp simd
     for (int64_t k = 0; k < c; ++k) {
-      const float gk = (!relu || out[k] > 0.f) ? g[k] : 0.f;
-      dx[k] = a[k] * (gk - mean_g[k] - (v[k] - pm[k]) * k_x[k]);
+      const float gk = (!relu || load(out, k) > 0.f) ? load(g, k) : 0.f;
+      store(dx, k, a[k] * (gk - mean_g[k] - (load(v, k) - pm[k]) * k_x[k]));
     }
   }
   return {grad_x, grad_scale, grad_shift};
@@ -251,15 +282,22 @@ std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const padd
 
 std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::Tensor &scale,
                                         const paddle::Tensor &shift, float epsilon, bool relu, bool nhwc) {
+  if (x.dtype() == paddle::DataType::BFLOAT16) {
+    PD_CHECK(nhwc && x.is_cpu() && x.shape().size() == 4, "batch_norm_relu: bfloat16 runs on 4-D NHWC CPU tensors");
+    return NormForwardNHWC<bf16>(x, scale, shift, epsilon, relu);
+  }
   planes_of(x);  // the checks
-  return nhwc ? NormForwardNHWC(x, scale, shift, epsilon, relu) : NormForwardNCHW(x, scale, shift, epsilon, relu);
+  return nhwc ? NormForwardNHWC<float>(x, scale, shift, epsilon, relu)
+              : NormForwardNCHW(x, scale, shift, epsilon, relu);
 }
 
 std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::Tensor &scale,
                                          const paddle::Tensor &y, const paddle::Tensor &mean,
                                          const paddle::Tensor &variance, const paddle::Tensor &grad_y,
                                          float epsilon, bool relu, bool nhwc) {
-  return nhwc ? NormBackwardNHWC(x, scale, y, mean, variance, grad_y, epsilon, relu)
+  if (x.dtype() == paddle::DataType::BFLOAT16)
+    return NormBackwardNHWC<bf16>(x, scale, y, mean, variance, grad_y, epsilon, relu);
+  return nhwc ? NormBackwardNHWC<float>(x, scale, y, mean, variance, grad_y, epsilon, relu)
               : NormBackwardNCHW(x, scale, y, mean, variance, grad_y, epsilon, relu);
 }
 
@@ -271,7 +309,7 @@ std::vector<std::vector<int64_t>> NormInferShape(const std::vector<int64_t> &x, 
 }
 
 std::vector<paddle::DataType> NormInferDtype(const paddle::DataType &x, const paddle::DataType &scale,
-                                             const paddle::DataType &shift) {
+                                             const paddle::DataType &shift) {  // statistics: float32
   return {x, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
 }
 
@@ -301,7 +339,8 @@ struct Join {
 };
 
 Join join_of(const paddle::Tensor &a, const std::vector<int64_t> &b, int stride, bool nhwc) {
-  PD_CHECK(a.is_cpu() && a.dtype() == paddle::DataType::FLOAT32, "residual_join: float32 CPU tensors only");
+  PD_CHECK(a.is_cpu() && (a.dtype() == paddle::DataType::FLOAT32 || a.dtype() == paddle::DataType::BFLOAT16),
+           "residual_join: float32 or bfloat16 CPU tensors only");
   auto s = a.shape();
   PD_CHECK(s.size() == 4 && b.size() == 4 && b[0] == s[0], "residual_join: bad shapes");
   Join j = nhwc ? Join{s[0], s[3], s[1], s[2], b[3], b[1], b[2], stride, true}
@@ -315,39 +354,104 @@ inline float relu(float v) { return std::max(v, 0.f); }
 
 }  // namespace
 
-std::vector<paddle::Tensor> JoinForward(const paddle::Tensor &a, const paddle::Tensor &b, int stride, bool nhwc) {
-  Join j = join_of(a, b.shape(), stride, nhwc);
-  paddle::Tensor out = floats_like(a.shape());
-  const float *pa = a.data<float>(), *pb = b.data<float>();
-  float *po = out.data<float>();
-  if (j.identity()) {  // any layout: one flat pass
+// The identity join (any layout: one flat pass) and option A in NHWC (each output row of
+// c channels reads b's row at (h * s, w * s)), for float32 or bfloat16 activations.
+template <typename T>
+void join_forward(const Join &j, const T *pa, const T *pb, T *po) {
+  if (j.identity()) {
     const int64_t size = j.n * j.c * j.h * j.w;
 #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < size; ++i) po[i] = relu(pa[i] + pb[i]);
-  } else if (nhwc) {  // option A: each output row of c channels reads b's row at (h * s, w * s)
+    for (int64_t i = 0; i < size; ++i) store(po, i, relu(load(pa, i) + load(pb, i)));
+    return;
+  }
 #pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < j.n * j.h * j.w; ++row) {
-      const int64_t n = row / (j.h * j.w), h = row / j.w % j.h, w = row % j.w;
-      const float *x = pa + row * j.c, *s = pb + ((n * j.hb + h * j.stride) * j.wb + w * j.stride) * j.cb;
-      float *y = po + row * j.c;
-      for (int64_t k = 0; k < j.cb; ++k) y[k] = relu(x[k] + s[k]);
-      for (int64_t k = j.cb; k < j.c; ++k) y[k] = relu(x[k]);  // the zero channels
+  for (int64_t row = 0; row < j.n * j.h * j.w; ++row) {
+    const int64_t n = row / (j.h * j.w), h = row / j.w % j.h, w = row % j.w;
+    const T *x = pa + row * j.c, *s = pb + ((n * j.hb + h * j.stride) * j.wb + w * j.stride) * j.cb;
+    T *y = po + row * j.c;
+    for (int64_t k = 0; k < j.cb; ++k) store(y, k, relu(load(x, k) + load(s, k)));
+    for (int64_t k = j.cb; k < j.c; ++k) store(y, k, relu(load(x, k)));  // the zero channels
+  }
+}
+
+template <typename T>
+void join_backward(const Join &j, const T *po, const T *pg, T *ga, T *gb) {
+  if (j.identity()) {
+    const int64_t size = j.n * j.c * j.h * j.w;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < size; ++i) {
+      const float v = load(po, i) > 0.f ? load(pg, i) : 0.f;
+      store(ga, i, v);
+      store(gb, i, v);
     }
+    return;
+  }
+  const int64_t size_b = j.n * j.hb * j.wb * j.cb;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < size_b; ++i) store(gb, i, 0.f);  // the positions the subsample skipped
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < j.n * j.h * j.w; ++row) {
+    const int64_t n = row / (j.h * j.w), h = row / j.w % j.h, w = row % j.w;
+    const T *y = po + row * j.c, *g = pg + row * j.c;
+    T *da = ga + row * j.c, *db = gb + ((n * j.hb + h * j.stride) * j.wb + w * j.stride) * j.cb;
+    for (int64_t k = 0; k < j.c; ++k) {
+      const float v = load(y, k) > 0.f ? load(g, k) : 0.f;
+      store(da, k, v);
+      if (k < j.cb) store(db, k, v);
+    }
+  }
+}
+
+// Option A in NCHW: channel planes, the subsample read by stride (float32 only).
+void join_forward_nchw(const Join &j, const float *pa, const float *pb, float *po) {
+  const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
+    const int64_t n = nc / j.c, c = nc % j.c;
+    const float *x = pa + nc * plane, *s = pb + (n * j.cb + c) * plane_b;
+    float *y = po + nc * plane;
+    if (c >= j.cb) {
+      for (int64_t i = 0; i < plane; ++i) y[i] = relu(x[i]);
+    } else {
+      for (int64_t r = 0; r < j.h; ++r)
+        for (int64_t q = 0; q < j.w; ++q)
+          y[r * j.w + q] = relu(x[r * j.w + q] + s[r * j.stride * j.wb + q * j.stride]);
+    }
+  }
+}
+
+void join_backward_nchw(const Join &j, const float *po, const float *pg, float *ga, float *gb) {
+  const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
+    const int64_t n = nc / j.c, c = nc % j.c;
+    const float *y = po + nc * plane, *g = pg + nc * plane;
+    float *da = ga + nc * plane;
+    if (c >= j.cb) {
+      for (int64_t i = 0; i < plane; ++i) da[i] = y[i] > 0.f ? g[i] : 0.f;
+    } else {
+      float *db = gb + (n * j.cb + c) * plane_b;
+      std::memset(db, 0, sizeof(float) * plane_b);  // the positions the subsample skipped
+      for (int64_t r = 0; r < j.h; ++r)
+        for (int64_t q = 0; q < j.w; ++q) {
+          float v = y[r * j.w + q] > 0.f ? g[r * j.w + q] : 0.f;
+          da[r * j.w + q] = v;
+          db[r * j.stride * j.wb + q * j.stride] = v;
+        }
+    }
+  }
+}
+
+std::vector<paddle::Tensor> JoinForward(const paddle::Tensor &a, const paddle::Tensor &b, int stride, bool nhwc) {
+  Join j = join_of(a, b.shape(), stride, nhwc);
+  paddle::Tensor out = paddle::empty(a.shape(), a.dtype(), paddle::CPUPlace());
+  if (a.dtype() == paddle::DataType::BFLOAT16) {
+    PD_CHECK(b.dtype() == a.dtype() && (nhwc || j.identity()), "residual_join: bfloat16 joins NHWC tensors");
+    join_forward(j, data_of<bf16>(a), data_of<bf16>(b), data_of<bf16>(out));
+  } else if (nhwc || j.identity()) {
+    join_forward(j, a.data<float>(), b.data<float>(), out.data<float>());
   } else {
-    const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
-#pragma omp parallel for schedule(static)
-    for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
-      const int64_t n = nc / j.c, c = nc % j.c;
-      const float *x = pa + nc * plane, *s = pb + (n * j.cb + c) * plane_b;
-      float *y = po + nc * plane;
-      if (c >= j.cb) {
-        for (int64_t i = 0; i < plane; ++i) y[i] = relu(x[i]);
-      } else {
-        for (int64_t r = 0; r < j.h; ++r)
-          for (int64_t q = 0; q < j.w; ++q)
-            y[r * j.w + q] = relu(x[r * j.w + q] + s[r * j.stride * j.wb + q * j.stride]);
-      }
-    }
+    join_forward_nchw(j, a.data<float>(), b.data<float>(), out.data<float>());
   }
   return {out};
 }
@@ -355,45 +459,14 @@ std::vector<paddle::Tensor> JoinForward(const paddle::Tensor &a, const paddle::T
 std::vector<paddle::Tensor> JoinBackward(const paddle::Tensor &b, const paddle::Tensor &out,
                                          const paddle::Tensor &grad_out, int stride, bool nhwc) {
   Join j = join_of(out, b.shape(), stride, nhwc);
-  paddle::Tensor grad_a = floats_like(out.shape()), grad_b = floats_like(b.shape());
-  const float *po = out.data<float>(), *pg = grad_out.data<float>();
-  float *ga = grad_a.data<float>(), *gb = grad_b.data<float>();
-  if (j.identity()) {
-    const int64_t size = j.n * j.c * j.h * j.w;
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < size; ++i) gb[i] = ga[i] = po[i] > 0.f ? pg[i] : 0.f;
-  } else if (nhwc) {
-    const int64_t size_b = j.n * j.hb * j.wb * j.cb;
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < size_b; ++i) gb[i] = 0.f;  // the positions the subsample skipped
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < j.n * j.h * j.w; ++row) {
-      const int64_t n = row / (j.h * j.w), h = row / j.w % j.h, w = row % j.w;
-      const float *y = po + row * j.c, *g = pg + row * j.c;
-      float *da = ga + row * j.c, *db = gb + ((n * j.hb + h * j.stride) * j.wb + w * j.stride) * j.cb;
-      for (int64_t k = 0; k < j.c; ++k) da[k] = y[k] > 0.f ? g[k] : 0.f;
-      for (int64_t k = 0; k < j.cb; ++k) db[k] = da[k];
-    }
+  paddle::Tensor grad_a = paddle::empty(out.shape(), out.dtype(), paddle::CPUPlace());
+  paddle::Tensor grad_b = paddle::empty(b.shape(), b.dtype(), paddle::CPUPlace());
+  if (out.dtype() == paddle::DataType::BFLOAT16) {
+    join_backward(j, data_of<bf16>(out), data_of<bf16>(grad_out), data_of<bf16>(grad_a), data_of<bf16>(grad_b));
+  } else if (nhwc || j.identity()) {
+    join_backward(j, out.data<float>(), grad_out.data<float>(), grad_a.data<float>(), grad_b.data<float>());
   } else {
-    const int64_t plane = j.h * j.w, plane_b = j.hb * j.wb;
-#pragma omp parallel for schedule(static)
-    for (int64_t nc = 0; nc < j.n * j.c; ++nc) {
-      const int64_t n = nc / j.c, c = nc % j.c;
-      const float *y = po + nc * plane, *g = pg + nc * plane;
-      float *da = ga + nc * plane;
-      if (c >= j.cb) {
-        for (int64_t i = 0; i < plane; ++i) da[i] = y[i] > 0.f ? g[i] : 0.f;
-      } else {
-        float *db = gb + (n * j.cb + c) * plane_b;
-        std::memset(db, 0, sizeof(float) * plane_b);  // the positions the subsample skipped
-        for (int64_t r = 0; r < j.h; ++r)
-          for (int64_t q = 0; q < j.w; ++q) {
-            float v = y[r * j.w + q] > 0.f ? g[r * j.w + q] : 0.f;
-            da[r * j.w + q] = v;
-            db[r * j.stride * j.wb + q * j.stride] = v;
-          }
-      }
-    }
+    join_backward_nchw(j, out.data<float>(), grad_out.data<float>(), grad_a.data<float>(), grad_b.data<float>());
   }
   return {grad_a, grad_b};
 }

@@ -158,7 +158,7 @@ CASES = [
     ("new run into a finished run", train_cifar10.main,
      lambda w, t: TINY + ["--data-file", w["archive"], "--output-dir", str(w["run"])], "already holds a run"),
     ("amp on a CPU", train_cifar10.main,
-     lambda w, t: TINY + ["--amp", "--data-file", w["archive"], "--output-dir", str(t / "o")], "--amp needs a GPU"),
+     lambda w, t: TINY + ["--amp", "--data-file", w["archive"], "--output-dir", str(t / "o")], "--amp-dtype float16 needs a GPU"),
     ("archive rows of 3000 bytes", train_cifar10.main,
      lambda w, t: TINY + ["--data-file", damaged_archive(t / "a.tar.gz", "short_rows"), "--output-dir", str(t / "o")],
      "has 3000 values"),

@@ -156,7 +156,7 @@ def test_o2_optimizer_state_restores_into_a_second_model_in_one_process():
 
 # ------------------------------------------------------- the option decisions (pure)
 @pytest.mark.parametrize("values,version,device,cap,message", [
-    (dict(amp=True), P3, "cpu", None, "--amp needs a GPU"),
+    (dict(amp=True), P3, "cpu", None, "--amp-dtype float16 needs a GPU"),
     (dict(amp=True), P3, "gpu", (6, 1), "needs compute capability 7.0, this GPU has 6.1"),
     (dict(amp=True, amp_dtype="bfloat16"), P3, "gpu", (7, 5), "use --amp-dtype float16"),
     (dict(amp=True, amp_dtype="bfloat16", to_static=True), P26, "gpu", (8, 0), "trains in fp16 without loss scaling"),
@@ -166,6 +166,30 @@ def test_o2_optimizer_state_restores_into_a_second_model_in_one_process():
 def test_training_plan_refuses_what_cannot_work(values, version, device, cap, message):
     with pytest.raises(config.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         devices.training_plan(cfg_of(**values), version, device, cap)
+
+
+AMX = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+ZEN4 = ("avx512f", "avx512_bf16")
+AVX2 = ("avx2", "fma")
+
+
+@pytest.mark.parametrize("values,flags,message", [
+    (dict(amp=True, amp_dtype="bfloat16"), AVX2, "this CPU's flags have neither amx_bf16 nor avx512_bf16"),
+    (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), AMX, "on the CPU bf16 runs as O1"),
+    (dict(amp=True, amp_dtype="bfloat16", conv="paddle"), ZEN4, "drop --conv paddle"),
+    (dict(amp=True, amp_dtype="bfloat16", to_static=True), AMX, "and --to-static"),
+    (dict(amp=True), AMX, "--amp-dtype float16 needs a GPU"),
+])
+def test_cpu_bf16_is_refused_where_it_cannot_run(values, flags, message):
+    with pytest.raises(config.UserError, match=message):
+        devices.training_plan(cfg_of(**values), P3, "cpu", flags=flags)
+
+
+@pytest.mark.parametrize("flags,units", [(AMX, "AMX"), (ZEN4, "AVX512-BF16")])
+def test_cpu_bf16_plan_names_the_units(flags, units):
+    plan = devices.training_plan(cfg_of(amp=True, amp_dtype="bfloat16"), P26, "cpu", flags=flags)
+    assert plan["cpu_bf16"] == units and plan["amp"] and not plan["loss_scaling"]
+    assert devices.training_plan(cfg_of(), P3, "cpu", flags=flags)["cpu_bf16"] is None
 
 
 @pytest.mark.parametrize("values,version,cap,expected", [

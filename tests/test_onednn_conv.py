@@ -226,7 +226,7 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32))
     model.eval()
     before, names = model(x).numpy(), list(model.state_dict())
-    assert onednn_conv.use_in(model) == dict(conv=19, norm=19, join=9, layout="nhwc")
+    assert onednn_conv.use_in(model) == dict(conv=19, norm=19, join=9, layout="nhwc", dtype="float32")
     after = model(x).numpy()
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
     assert list(model.state_dict()) == names
@@ -330,3 +330,110 @@ def test_a_failing_self_check_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setattr(onednn_conv, "self_check", broken)
     monkeypatch.setattr(onednn_conv, "_loaded", {})
     assert onednn_conv.load() == (None, "the operator failed its start-up check (RuntimeError: oneDNN said no)")
+
+
+# ------------------------------------------------------------------------ bf16 (NHWC)
+import device as devices  # noqa: E402
+
+BF16_UNITS = devices.cpu_bf16_units(devices.cpu_flags())
+needs_bf16 = pytest.mark.skipif(OP is None or BF16_UNITS is None, reason="needs the operator and a CPU with bf16 units")
+
+
+def bf16(t):
+    """``t`` rounded to bf16 (and the bf16 tensor): the same values in both precisions."""
+    b = paddle.to_tensor(t.numpy()).astype("bfloat16")
+    b.stop_gradient = t.stop_gradient
+    return b
+
+
+@needs_bf16
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding", PER_MODEL["resnet20"] + PER_MODEL["resnet18_cifar"][:4])
+def test_bf16_convolution_is_fp32s_to_bf16_rounding(x_shape, w_shape, stride, padding):
+    """bf16 activations, fp32 weights (converted per call), an fp32 weight gradient: against
+    fp32 on the same bf16-representable inputs, within bf16's rounding (measured at most
+    ~5e-3 relative here; 2e-2 allowed: one bf16 ulp is 7.8e-3)."""
+    rng = np.random.default_rng(sum(x_shape))
+    x32 = paddle.to_tensor(rng.standard_normal(x_shape, dtype=np.float32).transpose(0, 2, 3, 1), stop_gradient=False)
+    x16 = bf16(x32)
+    x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
+    w = paddle.to_tensor(rng.standard_normal(w_shape, dtype=np.float32) * 0.1, stop_gradient=False)
+    y16 = OP.onednn_conv2d(x16, w, stride, padding, True, True)
+    y32 = OP.onednn_conv2d(x32, w, stride, padding, True, True)
+    assert y16.dtype == paddle.bfloat16
+    g = rng.standard_normal(y32.shape, dtype=np.float32)
+    g16, g32 = bf16(paddle.to_tensor(g)), None
+    g32 = g16.astype("float32")
+    got = [y16, *paddle.grad([y16], [x16, w], [g16])]
+    want = [y32, *paddle.grad([y32], [x32, w], [g32])]
+    assert got[2].dtype == paddle.float32  # the weight gradient stays fp32
+    for name, a, b in zip(("out", "grad x", "grad w"), got, want):
+        assert relative(a.astype("float32").numpy(), b.numpy()) <= 2e-2, name
+
+
+@needs_bf16
+@pytest.mark.parametrize("relu", [False, True])
+def test_bf16_batch_norm_keeps_fp32_statistics(relu):
+    rng = np.random.default_rng(1)
+    shape = (8, 16, 16, 32)  # NHWC
+    x16 = bf16(paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2 + 1, stop_gradient=False))
+    x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
+    ours, theirs = paddle.nn.BatchNorm2D(32), paddle.nn.BatchNorm2D(32)
+    y16 = onednn_conv.batch_norm(ours, x16, relu, nhwc=True)
+    y32 = onednn_conv.batch_norm(theirs, x32, relu, nhwc=True)
+    assert y16.dtype == paddle.bfloat16 and ours._mean.dtype == paddle.float32
+    assert relative(ours._mean.numpy(), theirs._mean.numpy()) <= 1e-6  # statistics of the same values, in fp32
+    assert relative(ours._variance.numpy(), theirs._variance.numpy()) <= 1e-5
+    g = bf16(paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32)))
+    got = [y16, *paddle.grad([y16], [x16, ours.weight, ours.bias], [g])]
+    want = [y32, *paddle.grad([y32], [x32, theirs.weight, theirs.bias], [g.astype("float32")])]
+    for name, a, b in zip(("out", "grad x", "grad scale", "grad shift"), got, want):
+        assert relative(a.astype("float32").numpy(), b.numpy()) <= 2e-2, name
+
+
+@needs_bf16
+@pytest.mark.parametrize("out_shape,in_shape,stride", [((4, 16, 16, 32), (4, 32, 32, 16), 2), ((4, 8, 8, 64), (4, 8, 8, 64), 1)])
+def test_bf16_join_is_the_fp32_join_rounded(out_shape, in_shape, stride):
+    rng = np.random.default_rng(2)
+    out16 = bf16(paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32), stop_gradient=False))
+    x16 = bf16(paddle.to_tensor(rng.standard_normal(in_shape, dtype=np.float32), stop_gradient=False))
+    out32 = paddle.to_tensor(out16.astype("float32").numpy(), stop_gradient=False)
+    x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
+    shortcut = models.ZeroPadShortcut(in_shape[3], out_shape[3], stride) if stride > 1 else None
+    y16 = onednn_conv.join(out16, x16, shortcut, nhwc=True)
+    y32 = onednn_conv.join(out32, x32, shortcut, nhwc=True)
+    g = bf16(paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32)))
+    got = [y16, *paddle.grad([y16], [out16, x16], [g])]
+    want = [y32, *paddle.grad([y32], [out32, x32], [g.astype("float32")])]
+    for a, b in zip(got, want):  # one rounding (to nearest even) of the same fp32 sum: equal to the bit
+        np.testing.assert_array_equal(a.astype("float32").numpy(), round_to_bf16(b.numpy()))
+
+
+def round_to_bf16(x):
+    """float32 -> the nearest bf16 value (ties to even), as float32 (Paddle 2.6's own cast truncates)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+@needs_bf16
+def test_bf16_training_logs_its_units_saves_fp32_and_resumes_exactly(archive, tmp_path, capsys, monkeypatch):
+    from helpers import interrupt_in_epoch
+    import checkpoint
+    import engine
+    args = FAST + ["--data-file", archive, "--amp", "--amp-dtype", "bfloat16"]
+    train_cifar10.main(args + ["--output-dir", str(tmp_path / "a")])
+    log = capsys.readouterr().out
+    assert f"mixed precision: bf16 on {BF16_UNITS}" in log
+    a = checkpoint.load(str(tmp_path / "a" / "last.pdckpt"))
+    assert all(np.asarray(v).dtype == np.float32 for k, v in a["model"].items())
+    results = yaml.safe_load(open(tmp_path / "a" / "results.yaml"))
+    assert np.isfinite(results["final_train_loss"])
+    original = engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(original, 1, 2))
+    with pytest.raises(SystemExit):
+        train_cifar10.main(args + ["--output-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    train_cifar10.main(["--resume", str(tmp_path / "b")])
+    b = checkpoint.load(str(tmp_path / "b" / "last.pdckpt"))
+    for k in a["model"]:  # bit-exact on the same machine
+        np.testing.assert_array_equal(np.asarray(a["model"][k]), np.asarray(b["model"][k]), err_msg=k)
