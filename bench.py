@@ -261,19 +261,11 @@ def peak_memory_mb(device):
 
 
 def cpu_description():
-    """lscpu's model name and the flags that decide the kernels (from /proc/cpuinfo)."""
-    model, flags = "", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
+    """lscpu's model name and the flags that pick the kernels."""
+    import device as devices
+    flags = devices.cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return dict(cpu=model, cpu_flags=" ".join(f for f in wanted if f in flags))
+    return dict(cpu=devices.describe("cpu").rsplit(" (", 1)[0], cpu_flags=" ".join(f for f in wanted if f in flags))
 
 
 def run_one(args):
