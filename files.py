@@ -15,6 +15,8 @@ except ImportError:  # Windows: no advisory locks; a run directory is then not l
 from config import UserError
 
 LOCK = ".lock"
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: there is no way to read the umask without setting it
 _held = {}  # run directory -> the open lock file, held until unlock() or the end of this process
 
 
@@ -38,6 +40,7 @@ def replacing(path):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it 0600: give it the mode open() would
     except OSError as e:
         raise UserError(why_not_written(path, e) + "; what was saved before is intact")
     try:

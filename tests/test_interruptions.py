@@ -361,3 +361,9 @@ def test_bench_without_torch_is_one_line(monkeypatch):
     with pytest.raises(SystemExit) as e:
         bench.main(["--impl", "torch", "--model", "resnet20", "--steps", "1"])
     assert str(e.value.code) == "error: --impl torch needs PyTorch, for comparison only: pip install torch==2.13.0"
+
+
+def test_saved_files_get_the_mode_open_would_give_them(tmp_path):
+    path = tmp_path / "results.yaml"
+    files.write_yaml(str(path), {"a": 1})
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~files.UMASK)
