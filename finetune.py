@@ -74,6 +74,10 @@ def main(argv=None):
             raise config.UserError("--loader device is for CIFAR-10 (train_cifar10.py); use --loader dataloader")
         datasets, classes, preprocess = data.image_folder_splits(cfg)
         import paddle
+        import device as devices
+        # the device first: a model built before it would put its weights on GPU 0 of a GPU
+        # build even with --device cpu (GPU audit 2, N1); fit chooses the same one again
+        devices.select_device(cfg.device)
         paddle.seed(cfg.seed)  # the new classifier's initial weights
         model = checkpoint.build_model(cfg, len(classes))
         if resume_state is None:

@@ -227,3 +227,19 @@ def test_corrupt_export_meta_is_one_line(run_full, tmp_path):
     with pytest.raises(SystemExit) as e:
         predict.main(["--inference-model", str(out), str(out / "meta.json")])
     assert str(e.value.code).startswith("error: --inference-model") and "meta.json is unreadable" in str(e.value.code)
+
+
+def test_the_device_is_chosen_before_the_model_is_built(tmp_path, monkeypatch):
+    """GPU audit 2, N1: on a GPU build the default place is GPU 0, so a model built before
+    select_device keeps its weights there even with --device cpu (reproduced as the order)."""
+    import checkpoint
+    import device as devices
+    calls = []
+    real_select, real_build = devices.select_device, checkpoint.build_model
+    monkeypatch.setattr(devices, "select_device", lambda name: calls.append("select_device") or real_select(name))
+    monkeypatch.setattr(checkpoint, "build_model", lambda *a: calls.append("build_model") or real_build(*a))
+    folder = make_image_folder(tmp_path / "imgs")
+    finetune.main(["--model", "resnet20", "--stem", "cifar", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+                   "--num-workers", "0", "--pretrained", "none", "--device", "cpu", "--data-dir", folder,
+                   "--output-dir", str(tmp_path / "run")])
+    assert calls.index("select_device") < calls.index("build_model")
