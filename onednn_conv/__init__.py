@@ -33,6 +33,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+import device as devices
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, name) for name in ("conv.cc", "norm.cc")]
 HEADERS_PACKAGE = "onednn-devel-cpu-gomp==2023.2.0"  # oneDNN 3.2.0 headers, as requirements.txt here
@@ -121,18 +123,9 @@ def build_dir(include_dir):
     digest.update(paddle.__version__.encode())
     for source in SOURCES:
         digest.update(open(source, "rb").read())
-    digest.update(cpu_flags().encode())  # built with -march=native: one build per kind of CPU
+    digest.update(" ".join(devices.cpu_flags()).encode())  # built with -march=native: one build per kind of CPU
     digest.update(include_dir.encode())
     return os.path.join(cache_root(), f"onednn_conv-{digest.hexdigest()[:12]}")
-
-
-def cpu_flags():
-    """The flags line of /proc/cpuinfo ("" where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def shell_safe(path):

@@ -21,7 +21,6 @@ import eval as eval_script
 import files
 import finetune
 import onednn_conv
-import predict
 import train_cifar10
 from helpers import make_cifar_archive, make_image_folder
 
