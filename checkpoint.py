@@ -179,12 +179,18 @@ def optimizer_state(opt, model):
 
 
 def set_optimizer_state(opt, model, state):
-    names = {k: p.name for k, p in model.named_parameters()}
-    state = _rename_keys(state, names)
+    state = _rename_keys(state, {k: p.name for k, p in model.named_parameters()})
+    params = {p.name: p for p in model.parameters()}  # the keys are the parameters' own names now
+    masters = {}
     for key, master in state.get("master_weights", {}).items():  # AMP O2: fp32 master copies
-        # the optimizer names its accumulators after each master tensor's own name: give it
-        # the one this model's parameter would give it (GPU audit #12)
+        # load() made them on the CPU: each goes where its parameter is (GPU audit 2, N6),
+        # named as this model's parameter would name it, since the optimizer names its
+        # accumulators after the master tensor (GPU audit #12)
+        master = paddle.to_tensor(master, place=params[key].place) if key in params else master
         master.name = key + "_fp32_master_0"
+        masters[key] = master
+    if masters:
+        state = dict(state, master_weights=masters)
     opt.set_state_dict(state)
 
 
@@ -199,17 +205,19 @@ def rng_state():
     name, keys, pos, has_gauss, cached = np.random.get_state()
     # keys as a list: paddle.save cannot store a uint32 array (nor bytes)
     return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, cached],
-                paddle=[_cpu_generator().get_state()])
+                paddle_cpu=_cpu_generator().get_state())
 
 
 def set_rng_state(state):
     """Restore Python's, numpy's and Paddle's CPU generator. Only the CPU state is kept:
-    a GPU's is one entry per visible device, and nothing in training draws from it."""
+    a GPU's is one entry per visible device, and nothing in training draws from it.
+    Checkpoints from before 2026-12 hold a list under "paddle" that may be GPU states (a
+    GeneratorState does not say its device: GPU audit 2, N15): it is not restored."""
     name, keys, pos, has_gauss, cached = state["numpy"]
     random.setstate(tuple(state["python"]))
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if len(state["paddle"]) == 1:  # a checkpoint written on a GPU before 2026-11 holds GPU states
-        _cpu_generator().set_state(state["paddle"][0])
+    if "paddle_cpu" in state:
+        _cpu_generator().set_state(state["paddle_cpu"])
 
 
 # ----------------------------------------------------------------- run state
@@ -225,6 +233,7 @@ class RunState:
     seen: int = 0                      # images done in the current epoch
     loss_sum: object = 0.0             # sum of loss x batch size (a device tensor while training)
     correct: object = 0
+    overflows: object = 0              # fp16 steps in a row whose loss overflowed (not saved)
     replanned: list = dataclasses.field(default_factory=list)  # schedule keys a resume changed
 
     def end_epoch(self, row):
@@ -250,12 +259,37 @@ def as_number(x):
     return x.item() if isinstance(x, paddle.Tensor) else x
 
 
-def run_state(run, model, opt, sched, scaler, cfg, class_names, extra=None):
+def fp32_state_dict(model):
+    """model.state_dict() with each fp16/bf16 tensor cast to fp32 once (the AMP O2 weights).
+    decorate's save hooks would do it too, but a hook on every sublayer casts the whole
+    dictionary gathered so far: 20,662 casts a call for ResNet-50 (GPU audit 2, N12)."""
+    low = (paddle.float16, paddle.bfloat16)
+    return {k: v.astype("float32") if v.dtype in low else v for k, v in model.state_dict(use_hook=False).items()}
+
+
+def run_state(run, model, opt, sched, scaler, cfg, class_names, extra=None, world_size=1):
     """The checkpoint dict of a training run; ``model`` is the plain network (no wrapper)."""
-    return dict(model=model.state_dict(), optimizer=optimizer_state(opt, model), scheduler=sched.state_dict(),
+    return dict(model=fp32_state_dict(model), optimizer=optimizer_state(opt, model), scheduler=sched.state_dict(),
                 scaler=scaler.state_dict() or None, epoch=run.epoch, progress=run.progress(),
                 history=run.history, best=run.best, rng=rng_state(), config=config.to_dict(cfg),
-                class_names=list(class_names), paddle_version=paddle.__version__, **(extra or {}))
+                class_names=list(class_names), paddle_version=paddle.__version__, world_size=world_size,
+                **(extra or {}))
+
+
+def check_same_world(state, world_size, run_dir):
+    """A run resumes with the number of processes it was trained by: another number would
+    change the global batch, the --scale-lr learning rate and the schedule's length, and
+    a mid-epoch position would skip other images (GPU audit 2, N5). A checkpoint from
+    before world_size was recorded cannot tell: it resumes as before."""
+    saved = state.get("world_size")
+    if saved is None or saved == world_size:
+        return
+    how = (f"python -m paddle.distributed.launch --nproc_per_node {saved} ... --resume {run_dir}"
+           if saved > 1 else "in one process, without the launcher")
+    raise UserError(f"--resume {run_dir}: the run was trained by {saved} process{'es' if saved > 1 else ''} and "
+                    f"this is {world_size}; another count would change the global batch ({saved} x "
+                    f"{state['config']['batch_size']}), the learning rate with --scale-lr and the schedule: "
+                    f"resume it the same way ({how}), or start a new run")
 
 
 def restore_run(state, cfg, model, opt, sched, scaler):

@@ -9,6 +9,7 @@ would have (Paddle re-seeds each worker from a fresh random number per iterator)
 """
 import hashlib
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import paddle
 import paddle.vision.transforms as T
 
+import files
 from config import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -38,8 +40,9 @@ class SplitDataset(paddle.io.Dataset):
     base[j] must return (image, label). Call ``set_epoch(e)`` before each epoch.
     ``shape``: what ``transform`` returns, [3, H, W]. A sample that fails to load never
     raises inside the DataLoader (Paddle's loader thread would die and the run hang):
-    it comes out as zeros with label -(i + 1), and ``checked`` raises a UserError for
-    it in the main process.
+    it comes out as zeros with label -(i + 1) and is written into ``failed`` (shared
+    memory the DataLoader workers inherit), which ``Checked`` reads on the host before
+    the batch is used: nothing waits for the device to find out (GPU audit 2, N3).
     """
 
     def __init__(self, base, indices, transform=None, seed=None, shape=(3, 32, 32)):
@@ -47,6 +50,7 @@ class SplitDataset(paddle.io.Dataset):
         self.base, self.indices, self.transform, self.seed = base, list(indices), transform, seed
         self.shape = tuple(shape)
         self.epoch = 0
+        self.failed = multiprocessing.RawValue("q", 0)  # 1 + the first failed sample's index; 0: none
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -58,6 +62,8 @@ class SplitDataset(paddle.io.Dataset):
         try:
             return self.sample(i)
         except Exception:
+            if not self.failed.value:
+                self.failed.value = i + 1  # set before the batch is sent, so seen before it is used
             return np.zeros(self.shape, np.float32), np.asarray(-(i + 1), dtype="int64")
 
     def failure(self, i):
@@ -141,7 +147,11 @@ def load_cifar10(data_file, mode):
                             f"({type(e).__name__}: {e}); it must be the official cifar-10-python.tar.gz layout")
     else:
         try:
-            dataset = Cifar10(mode=mode, download=True, backend="pil")
+            # every rank of a launch (or two runs) would download to the same cache file at
+            # once, truncating each other's (GPU audit 2, N14): one downloads, the others
+            # wait and find the file complete (Paddle checks its md5 before downloading)
+            with files.one_at_a_time(os.path.join(paddle.dataset.common.DATA_HOME, "cifar", ".download.lock")):
+                dataset = Cifar10(mode=mode, download=True, backend="pil")
         except Exception as e:
             raise UserError(f"CIFAR-10 is not downloaded and could not be downloaded ({type(e).__name__}); "
                             "pass a local copy with --data-file PATH/cifar-10-python.tar.gz")
@@ -233,9 +243,10 @@ class Checked:
 
     def __iter__(self):
         for images, labels in self.loader:
-            failed = np.flatnonzero(labels.numpy() < 0)  # a few bytes; no sync beyond Paddle's own per step
-            if len(failed):
-                raise self.dataset.failure(-int(labels.numpy().reshape(-1)[failed[0]]) - 1)
+            failed = self.dataset.failed.value  # host memory: the labels stay on the device
+            if failed:
+                self.dataset.failed.value = 0
+                raise self.dataset.failure(failed - 1)
             yield images, labels
 
 

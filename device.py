@@ -15,7 +15,7 @@ from config import UserError
 # Paddle's auto_cast and decorate turn themselves off, with only a warning, below these
 # compute capabilities, and the run trains in fp32 (python/paddle/amp/auto_cast.py).
 MIN_CAPABILITY = {"float16": (7, 0), "bfloat16": (8, 0)}
-# PyPI's newest GPU wheel (2.6.2, CUDA 11.8) has code for these and no PTX (../shared/GPU-AUDIT.md)
+# PyPI's newest GPU wheel (2.6.2, CUDA 11.8) has code for these and no PTX (its libphi.so; docs/gpu.md)
 PYPI_26_ARCHS = (61, 70, 75, 80, 86)
 NEW_PADDLE = ("install a Paddle 3.x GPU build for CUDA 12 from Paddle's own package index "
               "(README, GPU set-up), then run python check_env.py")
@@ -41,6 +41,16 @@ def select_device(name):
         if problem:
             raise UserError(problem)
     return device
+
+
+def check_device(name):
+    """select_device's answer and checks, with Paddle's own place left as it was: for
+    paddle.inference, which places its work itself (GPU audit 2, N8)."""
+    before = paddle.get_device()
+    try:
+        return select_device(name)
+    finally:
+        paddle.set_device(before)
 
 
 # ------------------------------------------------------------------------- facts
@@ -74,9 +84,11 @@ def probe_conv():
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
 
 
-def capability(facts):
-    """GPU 0's compute capability (major, minor), or None without a GPU."""
-    return tuple(facts["gpus"][0]["capability"]) if facts["gpus"] else None
+def capability(facts, device="gpu:0"):
+    """The compute capability (major, minor) of ``device`` ('gpu:N', what paddle.get_device()
+    says; under launch each rank has its own), or None without a GPU."""
+    index = int(device.partition(":")[2] or 0)
+    return tuple(facts["gpus"][index]["capability"]) if len(facts["gpus"]) > index else None
 
 
 def amp_dtypes(cap):
@@ -99,8 +111,20 @@ def gpu_problem(facts):
         covered = archs is None or any(a // 10 == sm // 10 and a <= sm for a in archs)
         failed = facts["conv_error"] if facts.get("probed") else (not covered and f"built for sm_{'/'.join(map(str, archs))}")
         if failed and (i == 0 or not covered):
-            return f"GPU {i} ({gpu['name']}, sm_{sm}) cannot run this Paddle {facts['paddle']} ({failed}); {NEW_PADDLE}"
+            return f"GPU {i} ({gpu['name']}, sm_{sm}) cannot run this Paddle {facts['paddle']} ({failed}); {fix_for(facts, failed)}"
     return None
+
+
+MISSING_LIBRARY = ("cudnn", "libcu", "dynload", "shared object", "dlopen", "cannot open", "load library")
+
+
+def fix_for(facts, failure):
+    """The fix for a GPU this Paddle cannot run: the system CUDA/cuDNN libraries when the
+    probe failed loading one (2.6.2 needs them installed), else a Paddle built for it."""
+    if any(word in str(failure).lower() for word in MISSING_LIBRARY):
+        return (f"install the CUDA {facts['cuda']} and cuDNN {facts['cudnn']} libraries this Paddle was built "
+                "against (README, GPU set-up), then run python check_env.py")
+    return NEW_PADDLE
 
 
 # -------------------------------------------------------------- training options

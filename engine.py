@@ -70,11 +70,11 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
 
 
 # ------------------------------------------------------------------------ one epoch
-def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, board=None):
+def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, board=None, world=1):
     """Train over ``loader``, adding to ``run`` (a checkpoint.RunState) the epoch's running
     sums and position, so that an epoch resumed after Ctrl-C adds up the same.
     ``scaler``: a GradScaler, a pass-through when disabled (no fp16). ``board``: a
-    VisualDL LogWriter or None."""
+    VisualDL LogWriter or None. ``world``: the number of ranks (they stop together)."""
     train_net.train()
     steps = run.step + len(loader)  # this epoch's batches, the ones done before a resume included
     t0, seen0, step0 = time.time(), run.seen, run.step
@@ -89,13 +89,13 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, boar
         opt.clear_grad()
         sched.step()
         n = labels.shape[0]
-        # summed on the device in fp32; as_number() below is an explicit sync point (Paddle's
-        # optimizer and GradScaler sync on a GPU every step anyway: `if found_inf`)
-        run.loss_sum = run.loss_sum + loss.detach() * n
+        # summed on the device in fp32, read (a device sync) only every --log-every steps:
+        # on 3.x nothing else syncs a fp32 or bf16 step; fp16's GradScaler does (`if found_inf`)
+        add_step_loss(run, loss.detach() * n, skip_overflow=scaler.is_enable())
         run.correct = run.correct + (logits.argmax(-1) == labels.reshape([-1])).astype("int64").sum()
         run.seen, run.step, run.iteration = run.seen + n, run.step + 1, run.iteration + 1
         if run.step % cfg.log_every == 0 or run.step == steps:
-            check_finite(run, epoch, cfg)
+            check_finite(run, epoch, cfg, world=world)
             elapsed = time.time() - t0
             rate = (run.seen - seen0) / elapsed if elapsed > 0 else float("nan")
             eta = elapsed / max(run.step - step0, 1) * (steps - run.step)
@@ -107,20 +107,44 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, boar
             break
 
 
-def check_finite(run, epoch, cfg, model=None):
+MAX_OVERFLOWS = 20  # fp16 steps in a row that overflow: the GradScaler has halved its scale 20 times
+
+
+def add_step_loss(run, loss_times_n, skip_overflow=False):
+    """Add a step's loss x batch size to the epoch's sum. ``skip_overflow`` (fp16 with the
+    GradScaler, which skips such a step and lowers its scale): a step whose loss overflowed
+    is left out and counted in ``run.overflows`` (steps in a row), all on the device, so
+    that one overflow does not stop the run as diverged (GPU audit 2, N11)."""
+    if not skip_overflow:
+        run.loss_sum = run.loss_sum + loss_times_n
+        return
+    finite = paddle.isfinite(loss_times_n)
+    run.loss_sum = run.loss_sum + paddle.where(finite, loss_times_n, paddle.zeros_like(loss_times_n))
+    run.overflows = (run.overflows + 1) * (~finite).astype("int64")
+
+
+def check_finite(run, epoch, cfg, model=None, world=1):
     """Stop the run with one line when the loss (or, given ``model``, a weight) is no longer
-    a finite number (a diverged run): nothing of this epoch is saved, so the last
-    checkpoint stays the last good one and never becomes 'best'."""
+    a finite number, or fp16 steps overflowed MAX_OVERFLOWS times in a row (a diverged
+    run): nothing of this epoch is saved, so the last checkpoint stays the last good one
+    and never becomes 'best'. Under launch every rank stops when one does."""
     loss = as_number(run.loss_sum)
+    if int(as_number(run.overflows)) >= MAX_OVERFLOWS:
+        loss = float("inf")
     if model is not None and np.isfinite(loss):
         weights = paddle.add_n([p.astype("float32").abs().sum() for p in model.parameters()]).item()
         loss = loss if np.isfinite(weights) else weights
+    if world > 1 and launch.all_sum([not np.isfinite(loss)], world)[0] and np.isfinite(loss):
+        raise UserError(f"another rank's training loss became inf or nan at epoch {epoch + 1} step {run.step}: "
+                        f"the run diverged; lower --lr (it is {cfg.lr:g}) and start again (its log says more)")
     if not np.isfinite(loss):
         last = os.path.join(cfg.output_dir, checkpoint.LAST)
         kept = (f"the last good checkpoint, {last}, is kept (epoch {run.epoch})" if os.path.exists(last)
                 else "nothing was saved")
-        what = "training loss" if not np.isfinite(as_number(run.loss_sum)) else "sum of the weights"
-        raise UserError(f"the {what} became {loss} at epoch {epoch + 1} step {run.step}: the run diverged; "
+        what = (f"the training loss became {loss}" if not np.isfinite(as_number(run.loss_sum)) else
+                f"the fp16 loss overflowed {MAX_OVERFLOWS} steps in a row" if int(as_number(run.overflows)) else
+                f"the sum of the weights became {loss}")
+        raise UserError(f"{what} at epoch {epoch + 1} step {run.step}: the run diverged; "
                         f"lower --lr (it is {cfg.lr:g}) and start again; {kept}")
 
 
@@ -204,6 +228,7 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
     run = checkpoint.RunState()
     if resume_state is not None:
         check_same_classes(resume_state, class_names, cfg)
+        checkpoint.check_same_world(resume_state, world, out)
         run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
         if me == 0:
             repair_record(cfg, resume_state, run)
@@ -218,7 +243,7 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
 
     def save(improved=False):
         if me == 0:
-            state = checkpoint.run_state(run, model, opt, sched, scaler, cfg, class_names, extra_state)
+            state = checkpoint.run_state(run, model, opt, sched, scaler, cfg, class_names, extra_state, world)
             checkpoint.save_run(out, state, improved)
     # loop over epochs
     run_start, epoch_times = time.time(), []
@@ -228,8 +253,9 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
             if cfg.max_iters and run.iteration >= cfg.max_iters:
                 break
             t0 = time.time()
-            train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch, board)
-            check_finite(run, epoch, cfg, model)
+            train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch, board,
+                            world)
+            check_finite(run, epoch, cfg, model, world)
             launch.average_bn_statistics(model, world)  # one model on every rank, the one saved
             # end of epoch: validation, checkpoints, metrics
             row = epoch_row(run, epoch, opt, world, time.time() - t0)
@@ -275,8 +301,10 @@ def set_up(cfg):
     """(device, world size, rank, GPU plan): the device chosen and checked, the process
     group joined, every GPU option decided (device.training_plan refuses what cannot work)."""
     device = devices.select_device(cfg.device)
-    world, me = launch.init_distributed()
-    cap = devices.capability(devices.gpu_facts()) if device == "gpu" else None
+    world, me = launch.init_distributed(device)
+    cap = None
+    if device == "gpu":  # the oldest GPU of the ranks decides, so that all train alike (GPU audit 2, N7)
+        cap = launch.lowest_capability(devices.capability(devices.gpu_facts(), paddle.get_device()), world)
     plan = devices.training_plan(cfg, paddle.__version__, device, cap, world, devices.cpu_flags())
     if plan["cudnn_deterministic"]:
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
@@ -409,11 +437,11 @@ def convert_sync_bn(layer):
 def model_for_eval(model, cfg, num_classes):
     """``model`` in fp32 for evaluation. Under AMP O2 the model's own weights are fp16/bf16
     (decorate casts in place) and take no fp32 input: evaluate a fresh fp32 copy made from
-    the state dict, which decorate's save hook returns in fp32 (GPU audit #1, #3)."""
+    the state dict cast to fp32 (GPU audit #1, #3; audit 2, N12)."""
     if not (cfg.amp and cfg.amp_level == "O2"):
         return model
     fresh = checkpoint.build_model(cfg, num_classes)
-    fresh.set_state_dict(model.state_dict())
+    fresh.set_state_dict(checkpoint.fp32_state_dict(model))
     return fresh
 
 

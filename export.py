@@ -26,8 +26,9 @@ def main(argv=None):
         if existing and not args.overwrite:
             raise config.UserError(f"--output {args.output} already holds an export ({', '.join(sorted(existing))}); "
                                    "pick another directory, or add --overwrite to replace it")
-        predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), device="cpu")
-        prefix = predictors.export(predictor, args.output)
+        with checkpoint.on_cpu():  # and back: in a notebook the next cell keeps its GPU (GPU audit 2, N10)
+            predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), device="cpu")
+            prefix = predictors.export(predictor, args.output)
     print(f"exported {prefix}.* and {args.output}/meta.json")
 
 

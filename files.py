@@ -1,5 +1,6 @@
 """Writing files so that nothing is ever half-written or written by two processes at once:
-the atomic replace every saved file goes through, and the lock of a run directory.
+the atomic replace every saved file goes through, the lock of a run directory, and the
+lock a download waits on.
 """
 import contextlib
 import errno
@@ -104,6 +105,19 @@ def lock(folder):
     except OSError as e:
         raise UserError(f"--output-dir {folder} is not writable ({e.strerror or e}); make it writable or pick "
                         "another --output-dir")
+
+
+@contextlib.contextmanager
+def one_at_a_time(path):
+    """Run the block while holding ``path`` (a lock file) exclusively, waiting for any other
+    process holding it: two processes never download into one file at once."""
+    if fcntl is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def unlock(folder):

@@ -18,10 +18,11 @@ def rank():
 LAUNCH_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT")
 
 
-def init_distributed():
+def init_distributed(device="cpu"):
     """(world_size, rank). Under ``python -m paddle.distributed.launch`` (which sets the
     PADDLE_* variables) this joins the process group; run alone it returns (1, 0).
-    A half-set-up environment would hang in init_parallel_env: it is an error instead."""
+    A half-set-up environment would hang in init_parallel_env: it is an error instead.
+    ``device``: the one select_device chose; 'cpu' joins with gloo even on a GPU build."""
     present = [k for k in LAUNCH_ENV if os.environ.get(k)]
     if not present:
         return 1, 0
@@ -37,7 +38,12 @@ def init_distributed():
     if world == 1:
         return 1, 0
     import paddle.distributed as dist
+    if device == "cpu":
+        # on a GPU build the backend 'auto' means NCCL, which moves the place back to the
+        # GPUs; gloo keeps the CPU (paddle/distributed/parallel.py, _is_cpuonly; GPU audit 2, N2)
+        os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"
     dist.init_parallel_env()
+    paddle.set_device(device)
     return dist.get_world_size(), dist.get_rank()
 
 
@@ -50,6 +56,19 @@ def all_sum(values, world_size):
     t = paddle.to_tensor(values)
     dist.all_reduce(t)
     return t.numpy()
+
+
+def lowest_capability(cap, world_size):
+    """The lowest (major, minor) compute capability over the ranks' GPUs (``cap`` alone
+    when alone): Paddle's autocast checks each rank's own GPU, and on a node of mixed GPUs
+    one rank would fall back to fp32 silently while the others train in bf16."""
+    if world_size == 1:
+        return cap
+    import paddle.distributed as dist
+    t = paddle.to_tensor([cap[0] * 10 + cap[1]], dtype="int64")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    lowest = int(t.item())
+    return lowest // 10, lowest % 10
 
 
 def average_bn_statistics(model, world_size):

@@ -92,7 +92,7 @@ class InferenceModelPredictor:
         if not os.path.isfile(params):  # without it paddle.inference runs on uninitialised weights
             raise UserError(f"--inference-model {model_dir}: no model.pdiparams in it (the weights); "
                             f"export the model again with export.py --output {model_dir}")
-        use_gpu = device == "gpu" or (device == "auto" and devices.has_gpu())
+        use_gpu = devices.check_device(device) == "gpu"  # --device gpu without a usable GPU is refused
         check_gpu_inference(model_file, use_gpu, precision, tensorrt)
         config = inference.Config(model_file, params)
         config.disable_glog_info()

@@ -57,11 +57,19 @@ def test_cifar_two_ranks(tmp_path, capsys):
     # val accuracy summed over ranks counts every image once: a single process agrees
     result = eval_script.main(["--ckpt", str(out / "last.pdckpt"), "--split", "val", "--num-workers", "0"])
     assert result["n"] == 40 and result["top1"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-12)
-    # the launch's checkpoint resumes in a single process (no wrapper prefix in its keys)
+    # the launch's checkpoint has no wrapper prefix in its keys and records its 2 ranks:
+    # a single process refuses to resume it (it would halve the global batch and change the
+    # schedule: GPU audit 2, N5) and leaves the run as it was; eval.py above reads it alone
     state = checkpoint.load(str(out / "last.pdckpt"))
-    assert not any(k.startswith("_layers") for k in state["model"])
-    train_cifar10.main(["--resume", str(out), "--epochs", "3"])
-    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 3
+    assert not any(k.startswith("_layers") for k in state["model"]) and state["world_size"] == 2
+    before = open(out / "last.pdckpt", "rb").read()
+    with pytest.raises(SystemExit) as e:
+        train_cifar10.main(["--resume", str(out), "--epochs", "3"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: --resume {out}: the run was trained by 2 processes and this is 1;")
+    assert "global batch (2 x 20)" in message and "--nproc_per_node 2" in message
+    assert open(out / "last.pdckpt", "rb").read() == before
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 2
 
 
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):

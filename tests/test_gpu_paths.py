@@ -1,4 +1,4 @@
-"""The GPU paths, checked on a CPU (../shared/GPU-AUDIT.md): the audit's reproductions of
+"""The GPU paths, checked on a CPU (docs/gpu.md): the audits' reproductions of
 what Paddle does on a GPU, and every option decision with the device facts injected.
 
 O2 is reproduced the way ``paddle.amp.decorate(level='O2', save_dtype='float32')`` does it
@@ -118,13 +118,20 @@ def test_sync_bn_leaves_frozen_batchnorm_frozen():
 # ---------------------------------------------------------------------- audit #5: RNG
 def test_rng_state_is_the_cpu_generator_and_restores_with_other_device_counts():
     state = checkpoint.rng_state()
-    assert len(state["paddle"]) == 1
-    gpu_like = dict(state, paddle=state["paddle"] * 2)  # one GPU state per device, two devices
-    checkpoint.set_rng_state(gpu_like)  # 787e1f8: ValueError "should be equal to the gpu device count"
+    assert "paddle" not in state  # one CPU state, not a list of states of unknown devices
     checkpoint.set_rng_state(state)
     a = paddle.rand([3]).numpy()
     checkpoint.set_rng_state(state)
     np.testing.assert_array_equal(paddle.rand([3]).numpy(), a)
+    # a checkpoint from before 2026-12: a list of generator states, one per visible GPU or a
+    # single GPU's, which 2026-11 wrote into the CPU generator (audit 2, N15): left alone
+    paddle.rand([3])
+    current = checkpoint.rng_state()["paddle_cpu"]
+    next_draw = paddle.rand([3]).numpy()
+    for states in ([state["paddle_cpu"]] * 2, [state["paddle_cpu"]]):  # 787e1f8: ValueError for two
+        checkpoint.set_rng_state(dict(state, paddle_cpu=current))
+        checkpoint.set_rng_state(dict({k: v for k, v in state.items() if k != "paddle_cpu"}, paddle=states))
+        np.testing.assert_array_equal(paddle.rand([3]).numpy(), next_draw)  # not set back to state's
 
 
 # --------------------------------------------------- audit #12: O2 optimizer state round trip
@@ -297,3 +304,175 @@ def test_paddle26_to_static_casts_a_bf16_program_to_fp16_so_the_plan_refuses_it(
     assert dtypes == {"paddle.float16"}  # bfloat16 was asked for
     with pytest.raises(config.UserError, match="trains in fp16"):
         devices.training_plan(cfg_of(amp=True, amp_dtype="bfloat16", to_static=True), paddle.__version__, "gpu", (8, 0))
+
+
+# ============================================= the second audit (docs/gpu.md, N1-N15)
+def test_checked_finds_a_failed_sample_without_reading_the_labels():
+    """N3: the labels of a DataLoader batch are on the GPU; reading them every step was
+    the one device sync of a 3.x fp32/bf16 step. The failure flag is host memory."""
+    class DeviceLabels:
+        def numpy(self):
+            raise AssertionError("a device-to-host copy every step")
+
+    dataset = data.SplitDataset([(None, 0)] * 6, range(6))
+    loader = [(None, DeviceLabels())] * 3
+    assert len(list(data.Checked(loader, dataset))) == 3
+    dataset.failed.value = 4 + 1  # what __getitem__ writes, in a DataLoader worker or here
+    with pytest.raises(config.UserError, match=r"^sample 4 could not be read \(it failed in a DataLoader worker"):
+        next(iter(data.Checked(loader, dataset)))
+
+
+def test_a_resume_under_another_process_count_is_refused():
+    """N5: the schedule after a resume on another number of GPUs (reproduced: lr 0.1023 ->
+    0.0860, 1,056 of 1,408 iterations): refused in one line; tests/test_distributed.py
+    runs it with 2 ranks and 1."""
+    state = dict(world_size=2, config=dict(batch_size=128))
+    checkpoint.check_same_world(state, 2, "runs/x")
+    checkpoint.check_same_world(dict(state, world_size=None), 1, "runs/x")  # before the key: as before
+    with pytest.raises(config.UserError, match=r"trained by 2 processes and this is 1; .*global batch \(2 x 128\)"):
+        checkpoint.check_same_world(state, 1, "runs/x")
+    with pytest.raises(config.UserError, match=r"trained by 1 process and this is 4; .*without the launcher"):
+        checkpoint.check_same_world(dict(state, world_size=1), 4, "runs/x")
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("gpu", None)])
+def test_a_cpu_launch_joins_with_gloo_and_keeps_the_cpu(monkeypatch, device, backend):
+    """N2: on a GPU build the backend 'auto' is NCCL, which sets the place to the GPU."""
+    import paddle.distributed as dist
+    for k, v in dict(PADDLE_TRAINER_ID="0", PADDLE_TRAINERS_NUM="2", PADDLE_CURRENT_ENDPOINT="127.0.0.1:1",
+                     PADDLE_TRAINER_ENDPOINTS="127.0.0.1:1,127.0.0.1:2").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("PADDLE_DISTRI_BACKEND", raising=False)
+    calls = []
+    monkeypatch.setattr(dist, "init_parallel_env", lambda: calls.append(("init", os.environ.get("PADDLE_DISTRI_BACKEND"))))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(paddle, "set_device", lambda d: calls.append(("set_device", d)))
+    import launch
+    assert launch.init_distributed(device) == (2, 0)
+    assert calls == [("init", backend), ("set_device", device)]  # the device again, after the group
+
+
+def test_o2_master_weights_go_where_their_parameters_are():
+    """N6: load() makes the masters on the CPU; each goes to its parameter's place."""
+    cfg = cfg_of()
+    m = as_o2(models.resnet20())
+    opt, _ = engine.build_optimizer(cfg, m.parameters(), 10)
+    masters = {k: paddle.to_tensor(p.astype("float32").numpy() + 1) for k, p in m.named_parameters()}
+    checkpoint.set_optimizer_state(opt, m, dict(checkpoint.optimizer_state(opt, m), master_weights=masters))
+    installed = opt._master_weights[m.conv1.weight.name]
+    assert installed.name == m.conv1.weight.name + "_fp32_master_0"
+    assert str(installed.place) == str(m.conv1.weight.place) and installed.dtype == paddle.float32
+    np.testing.assert_array_equal(installed.numpy(), masters["conv1.weight"].numpy())
+
+
+def test_the_plan_uses_each_ranks_gpu():
+    """N7: GPU 0's capability decided for every rank; now the rank's own, lowest over the ranks."""
+    import launch
+    f = facts(gpus=((7, 0), (8, 0)))
+    assert devices.capability(f, "gpu:1") == (8, 0) and devices.capability(f, "gpu:0") == (7, 0)
+    assert devices.capability(f, "gpu") == (7, 0) and devices.capability(facts(gpus=()), "gpu:0") is None
+    assert launch.lowest_capability((8, 0), 1) == (8, 0)
+
+
+def test_inference_predictor_checks_the_device_and_leaves_the_place(tmp_path, monkeypatch):
+    """N8: --inference-model --device gpu on a CPU build ran on the CPU without a word."""
+    for name in (predictors.META, "model.json", "model.pdiparams"):
+        (tmp_path / name).write_text('{"class_names": ["a"], "preprocess": {}}')
+    before = paddle.get_device()
+    if not paddle.is_compiled_with_cuda():
+        with pytest.raises(config.UserError, match="--device gpu: this Paddle has no usable GPU"):
+            predictors.InferenceModelPredictor(str(tmp_path), device="gpu")
+    asked = []
+
+    def select_device(name):  # switches the place, then stops before the dummy files are read
+        asked.append(name)
+        paddle.set_device("cpu")
+        raise config.UserError("checked")
+
+    monkeypatch.setattr(devices, "select_device", select_device)
+    with pytest.raises(config.UserError, match="checked"):
+        predictors.InferenceModelPredictor(str(tmp_path), device="auto")
+    assert asked == ["auto"] and paddle.get_device() == before
+
+
+def test_export_puts_the_device_back(monkeypatch, tmp_path):
+    """N10: the notebook's export cell switched the whole kernel to the CPU."""
+    import export
+    current = ["gpu:0"]  # a notebook on a GPU
+    monkeypatch.setattr(paddle, "get_device", lambda: current[0])
+    monkeypatch.setattr(paddle, "set_device", lambda d: current.__setitem__(0, d))
+
+    class Predictor:
+        def __init__(self, ckpt, device):
+            paddle.set_device(device)  # what select_device does
+
+    monkeypatch.setattr(predictors, "CheckpointPredictor", Predictor)
+    monkeypatch.setattr(predictors, "export", lambda p, out: (current.append(paddle.get_device()), out)[1])
+    export.main(["--ckpt", "x.pdckpt", "--output", str(tmp_path / "e")])
+    assert current == ["gpu:0", "cpu"]  # exported on the CPU, the GPU put back
+
+
+def test_one_fp16_overflow_is_skipped_twenty_in_a_row_stop_the_run(tmp_path):
+    """N11: a forward overflow (inf loss) is a step the GradScaler skips, not a divergence."""
+    run, cfg = checkpoint.RunState(), cfg_of(output_dir=str(tmp_path))
+    inf, two = paddle.to_tensor(float("inf")), paddle.to_tensor(2.0)
+    for loss in (two, inf, two):
+        engine.add_step_loss(run, loss, skip_overflow=True)
+    assert float(run.loss_sum) == 4.0 and int(run.overflows) == 0
+    engine.check_finite(run, 0, cfg)
+    for _ in range(engine.MAX_OVERFLOWS - 1):
+        engine.add_step_loss(run, inf, skip_overflow=True)
+    engine.check_finite(run, 0, cfg)
+    engine.add_step_loss(run, inf, skip_overflow=True)
+    with pytest.raises(config.UserError, match="the fp16 loss overflowed 20 steps in a row at epoch 1"):
+        engine.check_finite(run, 0, cfg)
+    fp32 = checkpoint.RunState()
+    engine.add_step_loss(fp32, inf)  # fp32 and bf16: one inf is a diverged run, as before
+    with pytest.raises(config.UserError, match="the training loss became inf"):
+        engine.check_finite(fp32, 0, cfg)
+
+
+def test_o2_state_dict_casts_each_tensor_once(monkeypatch):
+    """N12: decorate's hook on every sublayer cast 3,378 times per state_dict() of ResNet-20."""
+    from paddle.amp.auto_cast import StateDictHook
+    m = as_o2(models.resnet20())
+    hooked = {k: v.numpy() for k, v in m.state_dict().items()}
+    called = []
+    monkeypatch.setattr(StateDictHook, "__call__", lambda self, d: called.append(1))
+    fp32 = checkpoint.fp32_state_dict(m)
+    assert not called and set(fp32) == set(hooked)
+    for k, v in fp32.items():
+        assert v.dtype in (paddle.float32, paddle.int64), k
+        np.testing.assert_array_equal(v.numpy(), hooked[k], err_msg=k)
+
+
+def test_gpu_problem_advice_follows_the_error():
+    """N13: a missing system library is not fixed by another Paddle."""
+    lib = facts(P26, gpus=((8, 0),), probed=True, conv_error="OSError: libcudnn.so.8: cannot open shared object file")
+    assert "install the CUDA 12.6 and cuDNN 9.5 libraries this Paddle was built against" in devices.gpu_problem(lib)
+    arch = facts(P3, gpus=((9, 0),), probed=True, conv_error="RuntimeError: no kernel image is available")
+    assert devices.NEW_PADDLE in devices.gpu_problem(arch)
+
+
+def test_cifar_download_is_one_process_at_a_time(monkeypatch, tmp_path):
+    """N14: every rank downloaded into the same cache file at once. The download now runs
+    holding a lock file another process waits on (tried here from a second descriptor)."""
+    import fcntl
+    from paddle.vision import datasets
+    monkeypatch.setattr(paddle.dataset.common, "DATA_HOME", str(tmp_path))
+    seen = []
+
+    def fake_cifar(**kw):
+        with open(tmp_path / "cifar" / ".download.lock") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+            except OSError:
+                seen.append("held")
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets, "Cifar10", fake_cifar)
+    with pytest.raises(config.UserError, match="could not be downloaded"):
+        data.load_cifar10("", "train")
+    assert seen == ["held"]
