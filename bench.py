@@ -295,7 +295,7 @@ def bench_pipeline(args):
     import data
     cfg = config.make_config(dict(data_file=args.data_file, subset=args.subset, batch_size=args.batch_size,
                                   num_workers=args.num_workers, val_size=args.val_size))
-    train = data.cifar10_splits(cfg)["train"]
+    train = data.load(cfg).splits["train"]
     n, start = 0, time.perf_counter()
     for images, labels in data.TrainBatches(train, cfg).epoch(0):
         n += labels.shape[0]
@@ -320,7 +320,7 @@ def bench_loop(args):
                                   log_every=10 ** 9, device=args.device))
     device = devices.select_device(cfg.device)
     sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
-    train = data.cifar10_splits(cfg)["train"]
+    train = data.load(cfg).splits["train"]
     model = checkpoint.build_model(cfg, 10)
     opt, sched = engine.build_optimizer(cfg, model.parameters(), len(train) // cfg.batch_size + 1)
     compute = []

@@ -104,6 +104,16 @@ def resolve(path):
     return path
 
 
+def load_run(run_dir):
+    """The last checkpoint of the run in ``run_dir``, for --resume (None without one)."""
+    if not run_dir:
+        return None
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--resume {run_dir}: give the run's directory (the --output-dir it was trained into)"
+                        + (", not a checkpoint file" if os.path.isfile(run_dir) else ""))
+    return load(run_dir)
+
+
 def load(path):
     """The checkpoint dict (a directory: its last), or UserError with one line for a
     missing, truncated or foreign file."""

@@ -38,10 +38,14 @@ class TrainConfig:
     warmup_iters: int = 0            # linear warm-up from 0 to lr over this many iterations
     label_smoothing: float = 0.0
     # data
-    data_file: str = ""              # an official-layout cifar-10-python.tar.gz; "": Paddle's download
-    augment: str = "crop_flip"       # crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color (seed 000) | none
-    normalize: str = "cifar10"       # per-channel mean/std of CIFAR-10's training images | imagenet (seed 000)
-    val_size: int = 5000             # held out of the 50k training images, for model selection
+    dataset: str = "cifar10"         # cifar10 | cifar100 | folder (an image folder, --data-dir)
+    data_file: str = ""              # cifar10/cifar100: the official cifar-10/100-python.tar.gz; "": Paddle's download
+    data_dir: str = ""               # folder: a folder of class sub-folders
+    image_size: int = 224            # folder: the training crop; evaluation resizes to image_size * 256/224, then crops
+    val_fraction: float = 0.2        # folder: held out of each class (seeded), for model selection
+    augment: str = "crop_flip"       # CIFAR: crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color | none
+    normalize: str = "dataset"       # CIFAR: the mean/std of the dataset's own training images | cifar10 | cifar100 | imagenet
+    val_size: int = 5000             # CIFAR: held out of the 50k training images, for model selection
     subset: int = 0                  # train on the first N training images (0: all)
     num_workers: int = 2
     loader: str = "dataloader"       # dataloader (workers + PIL transforms) | device (CIFAR on the GPU, batched ops)
@@ -61,14 +65,12 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig(TrainConfig):
-    """finetune.py: an image folder, ImageNet preprocessing, a pretrained start."""
-    model: str = "resnet34"
-    stem: str = "imagenet"
-    data_dir: str = ""               # a folder of class sub-folders
+    """finetune.py: what fine-tuning adds (a pretrained start, a strategy) and its recipe."""
     pretrained: str = "imagenet"     # imagenet | none | a .pdparams | a torchvision .pth | a .pdckpt of ours
     strategy: str = "full"           # full | last | head (see finetune.py)
-    image_size: int = 224            # training crop; evaluation resizes to image_size * 256/224 then crops
-    val_fraction: float = 0.2        # per class, seeded
+    model: str = "resnet34"
+    stem: str = "imagenet"
+    dataset: str = "folder"
     epochs: int = 5
     batch_size: int = 32
     lr: float = 0.01
@@ -77,8 +79,8 @@ class FinetuneConfig(TrainConfig):
     log_every: int = 5
 
 
-CHOICES = dict(strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
-               augment=("crop_flip", "flip", "flip_color", "none"), normalize=("cifar10", "imagenet"), device=("auto", "cpu", "gpu"),
+CHOICES = dict(dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
+               augment=("crop_flip", "flip", "flip_color", "none"), normalize=("dataset", "cifar10", "cifar100", "imagenet"), device=("auto", "cpu", "gpu"),
                amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), conv=("onednn", "paddle"))
 
 
@@ -274,36 +276,32 @@ def add_run_arguments(parser, cls, depths):
     add_config_arguments(parser, cls)
 
 
-def run_config(args, cls, model=None):
+def run_config(args, cls, model=None, resume_state=None):
     """(cfg, resume_state) for a script's parsed ``args``: defaults <- --config FILE <-
-    command-line keys. With --resume DIR the run's saved config is the base instead (see
-    ``resume_config``)."""
+    command-line keys. With --resume DIR the run's saved config (of ``resume_state``, its
+    last checkpoint, which the script loads) is the base instead (see ``resume_config``)."""
     overrides = cli_overrides(args, cls)
     if model is not None:
         overrides["model"] = model
     if getattr(args, "resume", None):
         if args.config:
             raise UserError("--resume continues a run with its own saved config; drop --config")
-        return resume_config(args.resume, overrides, cls)
+        return resume_config(args.resume, overrides, cls, resume_state)
     if args.config and not os.path.isfile(args.config):
         raise UserError(f"--config {args.config}: no such file; give a YAML recipe such as configs/resnet18_cifar10.yaml")
     values = load_yaml(args.config) if args.config else {}
     return make_config({**values, **overrides}, cls=cls), None
 
 
-def resume_config(run_dir, overrides, cls):
-    """(cfg, checkpoint) to continue the run in ``run_dir``: its saved config with the
-    ``overrides`` that RESUME_FREE and RESUME_SCHEDULE allow; any other change is refused."""
-    import checkpoint  # checkpoint builds on this module
-    if not os.path.isdir(run_dir):
-        raise UserError(f"--resume {run_dir}: give the run's directory (the --output-dir it was trained into)"
-                        + (", not a checkpoint file" if os.path.isfile(run_dir) else ""))
+def resume_config(run_dir, overrides, cls, state):
+    """(cfg, checkpoint) to continue the run in ``run_dir`` (``state``: its last checkpoint,
+    checkpoint.load_run): its saved config with the ``overrides`` that RESUME_FREE and
+    RESUME_SCHEDULE allow; any other change is refused."""
     other = overrides.get("output_dir")
     if other and os.path.abspath(other) != os.path.abspath(run_dir):
         raise UserError(f"--resume {run_dir} continues the run where it is, not in --output-dir {other}; to continue "
                         f"a copy, copy {run_dir} to {other} and --resume {other}")
-    state = checkpoint.load(run_dir)
-    saved = make_config(state["config"], cls=cls)
+    saved = make_config(saved_values(state), cls=cls)
     cfg = make_config(dict(overrides, output_dir=run_dir), base=saved)
     changed = sorted(k for k in overrides if k not in RESUME_FREE + RESUME_SCHEDULE
                      and getattr(cfg, k) != getattr(saved, k))
@@ -316,9 +314,15 @@ def resume_config(run_dir, overrides, cls):
 
 
 def from_checkpoint(state):
-    """The config a checkpoint was trained with (a fine-tuning one has ``data_dir``)."""
-    cls = FinetuneConfig if "data_dir" in state["config"] else TrainConfig
-    return make_config(state["config"], cls=cls)
+    """The config a checkpoint was trained with (a fine-tuning one has ``pretrained``)."""
+    return make_config(saved_values(state), cls=FinetuneConfig if "pretrained" in state["config"] else TrainConfig)
+
+
+def saved_values(state):
+    """A checkpoint's config values; one written before the ``dataset`` key (2026-12) names
+    its data by its keys: a fine-tuning one (``data_dir``) an image folder, others CIFAR-10."""
+    values = state["config"]
+    return values if "dataset" in values else dict(values, dataset="folder" if "data_dir" in values else "cifar10")
 
 
 def to_dict(cfg):

@@ -1,5 +1,7 @@
-"""Everything that turns a dataset into batches: CIFAR-10 through paddle.vision and image
-folders, the seeded train/val splits, the transforms, the loaders and each epoch's batches.
+"""Everything that turns a dataset into batches: CIFAR-10 and CIFAR-100 through paddle.vision
+and image folders, the seeded train/val splits, the transforms, the loaders and each
+epoch's batches. ``load(cfg)`` is the one door: the config's ``dataset`` key picks the
+loader (LOADERS), which returns a ``Data`` record.
 
 Augmentation is reproducible per sample: before transforming sample ``i`` in epoch
 ``e`` the dataset seeds Python's ``random`` and numpy's global generator (paddle.vision's
@@ -7,6 +9,7 @@ random transforms draw from both) with a hash of (seed, e, i). A run then gives 
 ``num_workers`` is, and a resumed run sees exactly the images the uninterrupted run
 would have (Paddle re-seeds each worker from a fresh random number per iterator).
 """
+import dataclasses
 import hashlib
 import math
 import multiprocessing
@@ -27,11 +30,27 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 # Per-channel statistics of the 50k CIFAR-10 training images (checked on the real archive).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# CIFAR-100's 50k training images (the values timm and the CIFAR-100 literature use)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# How a checkpoint's model wants a new image: resize the short side, center-crop, normalise.
-# Saved in every checkpoint, so predict.py and export.py need no other source.
-CIFAR10_PREPROCESS = dict(resize=32, crop=32, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD))
+
+
+@dataclasses.dataclass
+class Data:
+    """What a run trains and is evaluated on: ``splits`` (train, val, test: SplitDatasets;
+    val empty with --val-size 0, test None for an image folder), the class names, and how
+    a new image is prepared for the model (``preprocess``: resize the short side,
+    center-crop, normalise; saved in every checkpoint for predict.py and export.py)."""
+    splits: dict
+    classes: list
+    preprocess: dict
+
+
+def load(cfg):
+    """The ``Data`` of ``cfg.dataset``."""
+    return LOADERS[cfg.dataset](cfg)
 
 
 class SplitDataset(paddle.io.Dataset):
@@ -95,19 +114,26 @@ def to_chw_array(image):
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255
 
 
-NORMALIZE = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+NORMALIZE = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+             "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
-def cifar10_transforms(augment, normalize="cifar10"):
+def statistics(normalize, dataset="cifar10"):
+    """(mean, std) of ``normalize``: "dataset" is the training images' own (CIFAR-10's or CIFAR-100's)."""
+    return NORMALIZE[dataset if normalize == "dataset" else normalize]
+
+
+def cifar10_transforms(augment, normalize="cifar10", dataset="cifar10"):
     """(train, eval) transforms on PIL images -> float32 [3, 32, 32], normalised with the
-    ``normalize`` statistics (those of CIFAR-10's training images, or ImageNet's)."""
-    mean, std = NORMALIZE[normalize]
+    ``normalize`` statistics (see statistics())."""
+    mean, std = statistics(normalize, dataset)
     to_input = [to_chw_array, T.Normalize(mean, std)]
     train = {
         "crop_flip": [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()],  # the paper, section 4.2
         "flip": [T.RandomHorizontalFlip()],
-        # seed 000's notebook: both flips, then brightness, contrast, saturation and hue jitter
-        # one after the other (its Resize([32, 32]) of a 32x32 image changes nothing: left out)
+        # the AI Studio notebook the project started from (configs/resnet18_adam.yaml): both flips,
+        # then brightness, contrast, saturation and hue jitter one after the other (its
+        # Resize([32, 32]) of a 32x32 image changes nothing: left out)
         "flip_color": [T.RandomHorizontalFlip(0.5), T.RandomVerticalFlip(0.5), T.ColorJitter(brightness=0.5),
                        T.ColorJitter(contrast=0.5), T.ColorJitter(saturation=0.5), T.ColorJitter(hue=0.3)],
         "none": [],
@@ -115,61 +141,93 @@ def cifar10_transforms(augment, normalize="cifar10"):
     return T.Compose(train + to_input), T.Compose(to_input)
 
 
-def cifar10_preprocess(normalize="cifar10"):
+def cifar10_preprocess(normalize="cifar10", dataset="cifar10"):
     """How a checkpoint's model wants a new image (saved in the checkpoint, for predict and export)."""
-    mean, std = NORMALIZE[normalize]
+    mean, std = statistics(normalize, dataset)
     return dict(resize=32, crop=32, mean=list(mean), std=list(std))
 
 
-def check_data_file(path, what="CIFAR-10", flag="--data-file"):
+def preprocess_of(cfg):
+    """How the model of a run ``cfg`` wants a new image, from the config alone (no data read)."""
+    if cfg.dataset == "folder":
+        return imagenet_preprocess(cfg.image_size)
+    return cifar10_preprocess(cfg.normalize, cfg.dataset)
+
+
+# What differs between the two CIFARs: Paddle's class, the archive, the classes
+CIFARS = {
+    "cifar10": dict(name="CIFAR-10", dataset="Cifar10", archive="cifar-10-python.tar.gz", classes=10,
+                    batches=dict(train="data_batch_1..5", test="test_batch")),
+    "cifar100": dict(name="CIFAR-100", dataset="Cifar100", archive="cifar-100-python.tar.gz", classes=100,
+                     batches=dict(train="train", test="test")),
+}
+
+
+def check_data_file(path, which="cifar10", flag="--data-file"):
     """A clear error for a missing path, a directory (Paddle issue #32901) or a non-archive."""
+    archive, name = CIFARS[which]["archive"], CIFARS[which]["name"]
     if not os.path.exists(path):
-        raise UserError(f"{flag} {path}: no such file; pass the path of cifar-10-python.tar.gz")
+        raise UserError(f"{flag} {path}: no such file; pass the path of {archive}")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory; pass the archive file itself, "
-                        f"e.g. {os.path.join(path, 'cifar-10-python.tar.gz')}")
+                        f"e.g. {os.path.join(path, archive)}")
     if not tarfile.is_tarfile(path):
-        raise UserError(f"{flag} {path} is not a tar archive; {what} must be the official cifar-10-python.tar.gz")
+        raise UserError(f"{flag} {path} is not a tar archive; {name} must be the official {archive}")
 
 
-def load_cifar10(data_file, mode):
-    """paddle.vision's Cifar10 for ``mode`` 'train' or 'test', images as PIL, no transform.
+def load_cifar(data_file, mode, which="cifar10"):
+    """paddle.vision's Cifar10 or Cifar100 (``which``) for ``mode`` 'train' or 'test', images
+    as PIL, no transform; CIFAR-100 with its 100 fine labels.
 
     data_file: a local official-layout archive, or "" for Paddle's download (cached).
     """
-    from paddle.vision.datasets import Cifar10
+    from paddle.vision import datasets
+    spec = CIFARS[which]
+    cifar = getattr(datasets, spec["dataset"])
     if data_file:
-        check_data_file(data_file)
+        check_data_file(data_file, which)
         try:
-            dataset = Cifar10(data_file=data_file, mode=mode, download=False, backend="pil")
+            dataset = cifar(data_file=data_file, mode=mode, download=False, backend="pil")
         except Exception as e:  # a tar of the wrong layout fails deep inside Paddle
-            raise UserError(f"--data-file {data_file} could not be read as CIFAR-10 "
-                            f"({type(e).__name__}: {e}); it must be the official cifar-10-python.tar.gz layout")
+            raise UserError(f"--data-file {data_file} could not be read as {spec['name']} "
+                            f"({type(e).__name__}: {e}); it must be the official {spec['archive']} layout")
     else:
         try:
             # every rank of a launch (or two runs) would download to the same cache file at
             # once, truncating each other's (GPU audit 2, N14): one downloads, the others
             # wait and find the file complete (Paddle checks its md5 before downloading)
             with files.one_at_a_time(os.path.join(paddle.dataset.common.DATA_HOME, "cifar", ".download.lock")):
-                dataset = Cifar10(mode=mode, download=True, backend="pil")
+                dataset = cifar(mode=mode, download=True, backend="pil")
         except Exception as e:
-            raise UserError(f"CIFAR-10 is not downloaded and could not be downloaded ({type(e).__name__}); "
-                            "pass a local copy with --data-file PATH/cifar-10-python.tar.gz")
-    check_cifar_rows(dataset, mode, data_file or "the downloaded CIFAR-10")
+            raise UserError(f"{spec['name']} is not downloaded and could not be downloaded ({type(e).__name__}); "
+                            f"pass a local copy with --data-file PATH/{spec['archive']}")
+    check_cifar_rows(dataset, mode, data_file or f"the downloaded {spec['name']}", which)
     return dataset
 
 
-def check_cifar_rows(dataset, mode, source):
-    """Every row 3,072 bytes (32x32 RGB) and every label in 0..9, checked once before
+def check_cifar_rows(dataset, mode, source, which="cifar10"):
+    """Every row 3,072 bytes (32x32 RGB) and every label a class, checked once before
     training: a bad row would otherwise fail inside the DataLoader, mid-epoch."""
-    batch = "data_batch_1..5" if mode == "train" else "test_batch"
+    spec = CIFARS[which]
     if len(dataset.data) == 0:
-        raise UserError(f"{source} has no {mode} images (no {batch} in it); it must be the official "
-                        "cifar-10-python.tar.gz layout")
+        raise UserError(f"{source} has no {mode} images (no {spec['batches'][mode]} in it); it must be the official "
+                        f"{spec['archive']} layout")
     for i, (row, label) in enumerate(dataset.data):
-        if np.size(row) != 3072 or not 0 <= int(label) < 10:
+        if np.size(row) != 3072 or not 0 <= int(label) < spec["classes"]:
             raise UserError(f"{source}: {mode} image {i} has {np.size(row)} values and label {label} "
-                            "(expected 3072 values and a label in 0..9); the archive is damaged: get a fresh copy")
+                            f"(expected 3072 values and a label in 0..{spec['classes'] - 1}); the archive is "
+                            "damaged: get a fresh copy")
+
+
+def cifar100_classes(archive):
+    """CIFAR-100's 100 fine class names, from the archive's ``meta``."""
+    import pickle
+    with tarfile.open(archive) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith("/meta")), None)
+        if member is None:
+            raise UserError(f"{archive} has no meta (the class names); it must be the official cifar-100-python.tar.gz")
+        meta = pickle.load(tar.extractfile(member), encoding="bytes")
+    return [n.decode() for n in meta[b"fine_label_names"]]
 
 
 def split_indices(n, val_size, seed=0):
@@ -184,19 +242,22 @@ def split_indices(n, val_size, seed=0):
     return sorted(perm[val_size:].tolist()), sorted(perm[:val_size].tolist())
 
 
-def cifar10_splits(cfg):
-    """{'train', 'val', 'test'} SplitDatasets for a TrainConfig (val empty when val_size=0)."""
-    train_tf, eval_tf = cifar10_transforms(cfg.augment, cfg.normalize)
-    train_base = load_cifar10(cfg.data_file, "train")
-    test_base = load_cifar10(cfg.data_file, "test")
+def cifar_data(cfg):
+    """The ``Data`` of CIFAR-10 or CIFAR-100 (cfg.dataset): train and val carved from the
+    50k training images (val empty when val_size=0), the 10k test images."""
+    train_tf, eval_tf = cifar10_transforms(cfg.augment, cfg.normalize, cfg.dataset)
+    train_base = load_cifar(cfg.data_file, "train", cfg.dataset)
+    test_base = load_cifar(cfg.data_file, "test", cfg.dataset)
     train_idx, val_idx = split_indices(len(train_base), cfg.val_size)
     if cfg.subset:
         if cfg.subset > len(train_idx):
             raise UserError(f"--subset {cfg.subset} is larger than the {len(train_idx)} training images left after --val-size")
         train_idx = train_idx[:cfg.subset]
-    return dict(train=SplitDataset(train_base, train_idx, train_tf, seed=cfg.seed),
-                val=SplitDataset(train_base, val_idx, eval_tf),
-                test=SplitDataset(test_base, range(len(test_base)), eval_tf))
+    splits = dict(train=SplitDataset(train_base, train_idx, train_tf, seed=cfg.seed),
+                  val=SplitDataset(train_base, val_idx, eval_tf),
+                  test=SplitDataset(test_base, range(len(test_base)), eval_tf))
+    classes = list(CIFAR10_CLASSES) if cfg.dataset == "cifar10" else cifar100_classes(train_base.data_file)
+    return Data(splits, classes, preprocess_of(cfg))
 
 
 # -------------------------------------------------------------------------- loaders
@@ -275,8 +336,12 @@ class TrainBatches:
     def __init__(self, dataset, cfg, world_size=1, rank=0):
         self.dataset, self.cfg, self.world_size, self.rank = dataset, cfg, world_size, rank
         self.per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world_size))
-        self.device_loader = (DeviceCifarLoader(dataset, cfg.augment, cfg.seed, cfg.normalize)
-                              if cfg.loader == "device" else None)
+        self.device_loader = None
+        if cfg.loader == "device":
+            if cfg.dataset not in CIFARS:  # it holds the 32x32 uint8 rows of a CIFAR in memory
+                raise UserError(f"--loader device is for CIFAR-10 and CIFAR-100, not --dataset {cfg.dataset}; "
+                                "use --loader dataloader")
+            self.device_loader = DeviceCifarLoader(dataset, cfg.augment, cfg.seed, statistics(cfg.normalize, cfg.dataset))
 
     def epoch(self, epoch, start=0):
         self.dataset.set_epoch(epoch)
@@ -334,7 +399,7 @@ def list_images(folder):
     under the wrong class."""
     top = os.path.realpath(folder)
     found, walked = [], {top}
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(folder, followlinks=True):
         keep = []
         for d in sorted(d for d in dirs if not is_hidden(d)):
             real = os.path.realpath(os.path.join(root, d))
@@ -342,7 +407,7 @@ def list_images(folder):
                 walked.add(real)
                 keep.append(d)
         dirs[:] = keep
-        found += [os.path.join(root, f) for f in sorted(files)
+        found += [os.path.join(root, f) for f in sorted(names)
                   if not is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 
@@ -388,8 +453,9 @@ class ImageFolder(paddle.io.Dataset):
         return f"image {self.samples[i][0]}"
 
 
-def image_folder_splits(cfg):
-    """({'train', 'val'}, class names, preprocess) from ``cfg.data_dir`` (one sub-folder per class).
+def folder_data(cfg):
+    """The ``Data`` of the image folder ``cfg.data_dir`` (one sub-folder per class): train
+    and val, no test split.
 
     The split is per class and seeded (seed 0, whatever the training seed): the
     first round(val_fraction * n) of each class's shuffled images go to validation;
@@ -420,8 +486,11 @@ def image_folder_splits(cfg):
     shape = (3, cfg.image_size, cfg.image_size)
     splits = dict(train=SplitDataset(base, sorted(train_idx), imagenet_train_transform(cfg.image_size), seed=cfg.seed,
                                      shape=shape),
-                  val=SplitDataset(base, sorted(val_idx), eval_transform(preprocess), shape=shape))
-    return splits, list(base.classes), preprocess
+                  val=SplitDataset(base, sorted(val_idx), eval_transform(preprocess), shape=shape), test=None)
+    return Data(splits, list(base.classes), preprocess)
+
+
+LOADERS = dict(cifar10=cifar_data, cifar100=cifar_data, folder=folder_data)  # a new dataset: a function and a line
 
 
 # ------------------------------------------------------- device-resident CIFAR loader
@@ -435,7 +504,7 @@ class DeviceCifarLoader:
     (zero padding of 4, random 32x32 crop, horizontal flip), ``flip`` or ``none``.
     """
 
-    def __init__(self, split, augment, seed, normalize="cifar10"):
+    def __init__(self, split, augment, seed, mean_std=(CIFAR10_MEAN, CIFAR10_STD)):
         if augment not in ("crop_flip", "flip", "none"):
             raise UserError(f"--loader device does augment crop_flip, flip or none, not {augment}; "
                             "use --loader dataloader")
@@ -447,7 +516,7 @@ class DeviceCifarLoader:
         # [N, 3, 32, 32] uint8 on the device: 150 MB for the 50k training images
         self.images = paddle.to_tensor(np.stack(images).transpose(0, 3, 1, 2))
         self.labels = paddle.to_tensor(np.asarray(labels, dtype=np.int64))
-        mean, std = NORMALIZE[normalize]
+        mean, std = mean_std
         self.mean = paddle.to_tensor(np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * 255)
         self.std = paddle.to_tensor(np.asarray(std, np.float32).reshape(1, 3, 1, 1) * 255)
         self.augment, self.seed, self.pad = augment, seed, 4 if augment == "crop_flip" else 0

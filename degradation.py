@@ -46,10 +46,10 @@ def recipe(net, seed, args, train_size):
         device=args.device, output_dir=os.path.join(args.output_dir, net, f"seed{seed}"), log_every=args.log_every))
 
 
-def train(net, seed, args, datasets):
+def train(net, seed, args, loaded):
     """Train ``net`` with ``seed`` unless its results are there; resume it if it was
     interrupted. Returns its results.yaml."""
-    cfg = recipe(net, seed, args, len(datasets["train"]))
+    cfg = recipe(net, seed, args, len(loaded.splits["train"]))
     done = os.path.join(cfg.output_dir, "results.yaml")
     last = os.path.join(cfg.output_dir, checkpoint.LAST)
     resume = checkpoint.load(last) if os.path.exists(last) else None
@@ -63,8 +63,7 @@ def train(net, seed, args, datasets):
         with open(done) as f:
             return yaml.safe_load(f)
     engine.log(f"== {net} seed {seed}" + (" (resuming)" if resume else ""))
-    return engine.fit(cfg, datasets, data.CIFAR10_CLASSES, resume_state=resume,
-                      extra_state=dict(preprocess=data.cifar10_preprocess(cfg.normalize)))
+    return engine.fit(cfg, loaded, resume_state=resume)
 
 
 def recipe_changes(saved, cfg):
@@ -127,15 +126,15 @@ def main(argv=None):
             seeds = []
         if not seeds:
             raise config.UserError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
-        recipe(nets[0], seeds[0], args, args.subset or 45000)  # its keys are checked before the data is read
+        recipe(nets[0], seeds[0], args, 1)  # its keys are checked before the data is read
         split = config.make_config(dict(data_file=args.data_file, subset=args.subset, val_size=args.val_size,
                                         augment="crop_flip"))
-        datasets = data.cifar10_splits(split)  # loaded once, shared: the same split for every net and seed
+        loaded = data.load(split)  # loaded once, shared: the same split for every net and seed
         for net in nets:
             params = sum(p.size for p in models.get_model(net).parameters() if not p.stop_gradient)
             for seed in seeds:
-                r = train(net, seed, args, datasets)
-                out = recipe(net, seed, args, len(datasets["train"])).output_dir
+                r = train(net, seed, args, loaded)
+                out = recipe(net, seed, args, len(loaded.splits["train"])).output_dir
                 histories.setdefault(net, []).append(read_history(out))
                 rows.append(dict(network=net, seed=seed, params=params, epochs=r["epochs"], iterations=r["iterations"],
                                  train_error=round(100 * (1 - r["final_train_acc"]), 2),
@@ -154,7 +153,7 @@ def main(argv=None):
                   f"python degradation.py {' '.join(argv if argv is not None else sys.argv[1:])}")
         lines = summary_table(rows, header)
         files.write_text(os.path.join(args.output_dir, "results.md"), "\n".join(lines) + "\n")
-        n_train = args.subset or 45000
+        n_train = len(loaded.splits["train"])  # --subset, or what --val-size leaves of the 50,000
         plots.plot_degradation(os.path.join(args.output_dir, "degradation.png"), histories,
                                f"CIFAR-10, {n_train} training images, {args.epochs} epochs, batch {args.batch_size}, "
                                f"seeds {','.join(map(str, seeds))}; dashed: training error, solid: held-out "

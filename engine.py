@@ -193,35 +193,33 @@ def evaluate(model, loader, num_classes, world_size=1):
 
 
 # ------------------------------------------------------------------------------ fit
-def fit(cfg, datasets, class_names, resume_state=None, model=None, parameters=None, extra_state=None):
-    """Train ``cfg.epochs`` on datasets['train'], select on datasets['val'] (if any),
-    then report datasets['test'] for the final and the best model.
+def fit(cfg, loaded, resume_state=None, model=None, parameters=None):
+    """Train ``cfg.epochs`` on the train split of ``loaded`` (data.load(cfg)), select on
+    its val split (if any), then report its test split for the final and the best model.
 
     model/parameters: a prepared model (fine-tuning) and the parameters to train;
-    by default the model cfg names, all parameters. extra_state: saved in checkpoints.
-    Returns the dict written to results.yaml. The run directory is locked meanwhile (one
-    writer per run; files.lock).
+    by default the model cfg names, all parameters. Returns the dict written to
+    results.yaml. The run directory is locked meanwhile (one writer per run; files.lock).
     """
-    device, world, me, plan = set_up(cfg)
-    checkpoint.prepare_run_dir(cfg.output_dir, resuming=resume_state is not None, writer=me == 0)
+    device, world, rank, plan = set_up(cfg)
+    checkpoint.prepare_run_dir(cfg.output_dir, resuming=resume_state is not None, writer=rank == 0)
     try:
-        return train_and_report(cfg, datasets, class_names, device, world, me, plan, resume_state, model,
-                                parameters, extra_state)
+        return train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model, parameters)
     finally:
         files.unlock(cfg.output_dir)
 
 
-def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume_state, model, parameters,
-                     extra_state):
+def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model, parameters):
     """fit's body, in the locked run directory: set up, restore, wrap for training, loop over epochs, report."""
     # set up
-    out = cfg.output_dir
-    board = metrics.visualdl_writer(cfg, me)  # before anything is written: a missing VisualDL stops here
+    out, datasets, class_names = cfg.output_dir, loaded.splits, loaded.classes
+    extra_state = dict(preprocess=loaded.preprocess)
+    board = metrics.visualdl_writer(cfg, rank)  # before anything is written: a missing VisualDL stops here
     seed_everything(cfg.seed)  # the model's initial weights
     model = model if model is not None else checkpoint.build_model(cfg, len(class_names))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
-    batches = data.TrainBatches(train_set, cfg, world, me)
+    batches = data.TrainBatches(train_set, cfg, world, rank)
     opt, sched = build_optimizer(cfg, parameters, batches.per_epoch, lr_scale=world if cfg.scale_lr else 1)
     scaler = paddle.amp.GradScaler(enable=plan["loss_scaling"])
     # restore
@@ -230,19 +228,19 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
         check_same_classes(resume_state, class_names, cfg)
         checkpoint.check_same_world(resume_state, world, out)
         run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
-        if me == 0:
+        if rank == 0:
             repair_record(cfg, resume_state, run)
         log_resumed(cfg, run, sched, batches.per_epoch)
     # wrap for training: ``model`` stays the plain network, checkpoints are written from it
     conv = choose_conv(model, cfg, device, plan)
     train_net, opt = wrap_for_training(model, opt, cfg, world)
-    if me == 0:
+    if rank == 0:
         files.write_yaml(os.path.join(out, "config.yaml"), config.to_dict(cfg))
     log_start(cfg, parameters, device, world, datasets, batches.per_epoch, opt)
-    val_loader = eval_loader(cfg, val_set, world, me)
+    val_loader = eval_loader(cfg, val_set, world, rank)
 
     def save(improved=False):
-        if me == 0:
+        if rank == 0:
             state = checkpoint.run_state(run, model, opt, sched, scaler, cfg, class_names, extra_state, world)
             checkpoint.save_run(out, state, improved)
     # loop over epochs
@@ -265,7 +263,7 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
             row["epoch_time_s"] = time.time() - t0
             improved = run.end_epoch(row)
             save(improved)
-            if me == 0:
+            if rank == 0:
                 metrics.record_epoch(cfg, run.history, board)
             epoch_times.append(row["epoch_time_s"])
             log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
@@ -289,7 +287,7 @@ def train_and_report(cfg, datasets, class_names, device, world, me, plan, resume
         log_replicas(model, world)
     try:
         return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run,
-                            world, me, evidence(cfg, device, world, conv))
+                            world, rank, evidence(cfg, device, world, conv))
     except KeyboardInterrupt as stop:
         log(f"\n{'terminated' if isinstance(stop, config.Terminated) else 'interrupted'} during the final report: "
             f"the training is finished and saved in {os.path.join(out, checkpoint.LAST)}; "
@@ -301,7 +299,7 @@ def set_up(cfg):
     """(device, world size, rank, GPU plan): the device chosen and checked, the process
     group joined, every GPU option decided (device.training_plan refuses what cannot work)."""
     device = devices.select_device(cfg.device)
-    world, me = launch.init_distributed(device)
+    world, rank = launch.init_distributed(device)
     cap = None
     if device == "gpu":  # the oldest GPU of the ranks decides, so that all train alike (GPU audit 2, N7)
         cap = launch.lowest_capability(devices.capability(devices.gpu_facts(), paddle.get_device()), world)
@@ -313,7 +311,7 @@ def set_up(cfg):
             "gives it back and lets idle threads spin)")
     if data.shm_too_small(cfg.num_workers):
         log("notice: /dev/shm is smaller than 512 MB; DataLoader uses use_shared_memory=False")
-    return device, world, me, plan
+    return device, world, rank, plan
 
 
 def log_resumed(cfg, run, sched, iters_per_epoch):
@@ -445,11 +443,11 @@ def model_for_eval(model, cfg, num_classes):
     return fresh
 
 
-def eval_loader(cfg, dataset, world=1, me=0):
+def eval_loader(cfg, dataset, world=1, rank=0):
     """This rank's evaluation loader for ``dataset``, or None when it is missing or empty."""
     if dataset is None or len(dataset) == 0:
         return None
-    return data.eval_loader(dataset, max(cfg.batch_size, 256), cfg.num_workers, world, me)
+    return data.eval_loader(dataset, max(cfg.batch_size, 256), cfg.num_workers, world, rank)
 
 
 def log_start(cfg, parameters, device, world, datasets, iters_per_epoch, opt):
@@ -482,7 +480,7 @@ def log_epoch(cfg, row, left, mean_epoch_time):
         f"lr {row['lr']:.5f} | run eta {format_seconds(mean_epoch_time * left)}")
 
 
-def final_report(cfg, model, test_set, num_classes, run, world=1, me=0, evidence=None):
+def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, evidence=None):
     """Write results.yaml: the last epoch's figures, the test accuracy of the final and of
     the best-on-validation model (reported, never used to choose) and the evidence
     behind them (Paddle version, device, seed, command)."""
@@ -492,7 +490,7 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, me=0, evidence
                   final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
                   final_val_acc=last["val_acc"] if last["val_acc"] != "" else None,
                   best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)
-    loader = eval_loader(cfg, test_set, world, me)
+    loader = eval_loader(cfg, test_set, world, rank)
     if loader is not None:
         final = evaluate(model, loader, num_classes, world)
         result["final_test_acc"] = final["top1"]
@@ -505,7 +503,7 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, me=0, evidence
             result["best_test_acc"] = b["top1"]
             log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
     result.update(evidence or {})
-    if me != 0:
+    if rank != 0:
         return result
     files.write_yaml(os.path.join(out, checkpoint.RESULTS),  # marks a finished run
                      {k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()})

@@ -1,8 +1,8 @@
-"""Evaluate a checkpoint on the CIFAR-10 test set (or the validation split it was selected on).
+"""Evaluate a checkpoint on its dataset's test set (or the validation split it was selected on).
 
     python eval.py --ckpt runs/cifar10/best.pdckpt --data-file ../data/cifar-10-python.tar.gz
     python eval.py --ckpt runs/cifar10 --split val --json
-    python eval.py --ckpt runs/finetune          # a fine-tuning run: its image folder's val split
+    python eval.py --ckpt runs/finetune          # an image-folder run: its val split
 
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
 images/s; saves the confusion matrix as a PNG next to the checkpoint.
@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import paddle
 import checkpoint
 import config
 import data
@@ -23,36 +25,34 @@ import predictors
 
 def eval_split(cfg, args, class_names):
     """The dataset ``args.split`` of the run ``cfg`` was trained on (or of --data-file / --data-dir)."""
-    if isinstance(cfg, config.FinetuneConfig):
-        if args.split == "test":
-            raise config.UserError("a fine-tuning run has no test split (an image folder is split into train and "
-                                   "val only); use --split val")
-        if args.data_file:
-            raise config.UserError("--data-file is for CIFAR-10 checkpoints; a fine-tuning run takes --data-dir")
-        if args.data_dir:
-            cfg = config.make_config({"data_dir": args.data_dir}, base=cfg)
-        splits, classes, _ = data.image_folder_splits(cfg)
-        if classes != list(class_names):
-            raise config.UserError(f"--data-dir {cfg.data_dir} has the classes {', '.join(classes)}; the checkpoint "
-                                   f"was trained on {', '.join(class_names)}: evaluate it on a folder of those classes")
-        return splits["val"]
-    if args.data_dir:
-        raise config.UserError("--data-dir is for fine-tuning checkpoints; a CIFAR-10 checkpoint takes --data-file")
-    if args.data_file:
-        cfg = config.make_config({"data_file": args.data_file}, base=cfg)
-    dataset = data.cifar10_splits(cfg)[args.split]
+    folder = cfg.dataset == "folder"
+    if folder and args.split == "test":
+        raise config.UserError("an image-folder run has no test split (the folder is split into train and val "
+                               "only); use --split val")
+    flag, wrong = ("--data-dir", "--data-file") if folder else ("--data-file", "--data-dir")
+    if getattr(args, wrong.strip("-").replace("-", "_")):
+        raise config.UserError(f"{wrong} is not for this checkpoint (--dataset {cfg.dataset}); it takes {flag}")
+    given = args.data_dir if folder else args.data_file
+    if given:
+        cfg = config.make_config({"data_dir" if folder else "data_file": given}, base=cfg)
+    loaded = data.load(cfg)
+    if loaded.classes != list(class_names):
+        where = f"--data-dir {cfg.data_dir}" if folder else f"the {cfg.dataset} data"
+        raise config.UserError(f"{where} has the classes {', '.join(loaded.classes[:12])}; the checkpoint "
+                               f"was trained on {', '.join(class_names[:12])}: evaluate it on data of those classes")
+    dataset = loaded.splits[args.split]
     if not len(dataset):
         raise config.UserError(f"the run has no {args.split} split (val_size was 0); use --split test")
     return dataset
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint (CIFAR-10, or a fine-tuning run's images).")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint (CIFAR-10, CIFAR-100, or an image-folder run's images).")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt file, or a run directory (its best, else last)")
     parser.add_argument("--split", choices=["test", "val"],
-                        help="default: test for CIFAR-10, val for a fine-tuning run (an image folder has no test split)")
-    parser.add_argument("--data-file", help="cifar-10-python.tar.gz (default: the one the run was trained on)")
-    parser.add_argument("--data-dir", help="a fine-tuning run: its image folder (default: the one it was trained on)")
+                        help="default: test for CIFAR, val for an image-folder run (a folder has no test split)")
+    parser.add_argument("--data-file", help="a CIFAR run: its archive (default: the one the run was trained on)")
+    parser.add_argument("--data-dir", help="an image-folder run: its folder (default: the one it was trained on)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
@@ -71,12 +71,12 @@ def main(argv=None):
         state = checkpoint.load(path)
         predictor = predictors.CheckpointPredictor(path, args.device, state=state)
         cfg, model = predictor.cfg, predictor.model
-        args.split = args.split or ("val" if isinstance(cfg, config.FinetuneConfig) else "test")
+        args.split = args.split or ("val" if cfg.dataset == "folder" else "test")
         class_names = state["class_names"]
         dataset = eval_split(cfg, args, class_names)
         if args.inference:
-            import tempfile
-            import paddle
+            # the export may go once the predictor is made: create_predictor reads the model
+            # and its weights into memory
             with tempfile.TemporaryDirectory() as tmp:
                 predictors.export(predictor, tmp)
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
@@ -85,8 +85,9 @@ def main(argv=None):
             # CPU, not GPU -> CPU -> GPU for every batch (GPU audit #15)
             paddle.set_device("cpu")
 
-            def model(images):  # the predictor's numpy logits, as a tensor for evaluate()
+            def predict_logits(images):  # the predictor's numpy logits, as a tensor for evaluate()
                 return paddle.to_tensor(predictor(images.numpy()))
+            model = predict_logits
         loader = data.make_loader(dataset, args.batch_size, args.num_workers)
         r = engine.evaluate(model, loader, len(class_names))
 
@@ -117,6 +118,9 @@ def print_result(result, as_json):
     print(f"{result['model']} (epoch {result['epoch']}) on {result['split']}: {result['n']} images")
     print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  "
           f"{result['images_per_s']:.1f} img/s")
+    if len(names) > MAX_TABLE_CLASSES:
+        print_many_classes(result)
+        return
     print("per-class accuracy:")
     for name, acc in result["per_class"].items():
         print(f"  {name:<12} {acc:.4f}")
@@ -125,6 +129,22 @@ def print_result(result, as_json):
     print(" " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in names))
     for name, row in zip(names, confusion):
         print(f"  {name:<10}" + "".join(f"{v:>{width}}" for v in row))
+    sys.stdout.flush()
+
+
+MAX_TABLE_CLASSES = 20  # beyond, a table of every class and cell would not fit a screen
+
+
+def print_many_classes(result, shown=10):
+    """For many classes (CIFAR-100): the best and worst classes and the most confused pairs;
+    the whole matrix is in the PNG and in --json."""
+    ranked = sorted(result["per_class"].items(), key=lambda kv: kv[1])
+    print(f"per-class accuracy, the {shown} lowest: " + ", ".join(f"{n} {a:.3f}" for n, a in ranked[:shown]))
+    print(f"per-class accuracy, the {shown} highest: " + ", ".join(f"{n} {a:.3f}" for n, a in ranked[::-1][:shown]))
+    names, confusion = list(result["per_class"]), result["confusion"]
+    pairs = sorted(((confusion[i][j], names[i], names[j]) for i in range(len(names)) for j in range(len(names))
+                    if i != j and confusion[i][j]), reverse=True)[:shown]
+    print("most confused (true -> predicted: images): " + ", ".join(f"{t} -> {p}: {c}" for c, t, p in pairs))
     sys.stdout.flush()
 
 

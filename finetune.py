@@ -65,14 +65,14 @@ def main(argv=None):
     config.add_run_arguments(parser, config.FinetuneConfig, DEPTHS)
     args = parser.parse_args(argv)
     with config.user_errors():
-        cfg, resume_state = config.run_config(args, config.FinetuneConfig, DEPTHS.get(args.depth))
+        cfg, resume_state = config.run_config(args, config.FinetuneConfig, DEPTHS.get(args.depth),
+                                              checkpoint.load_run(args.resume))
         if resume_state is None and cfg.pretrained.endswith(".pdckpt") and os.path.isfile(cfg.pretrained):
             # a checkpoint of ours: its architecture (a CIFAR stem, say) decides the model
             source = config.from_checkpoint(checkpoint.load(cfg.pretrained))
             cfg = config.make_config(dict(model=source.model, stem=source.stem), base=cfg)
-        if cfg.loader != "dataloader":
-            raise config.UserError("--loader device is for CIFAR-10 (train_cifar10.py); use --loader dataloader")
-        datasets, classes, preprocess = data.image_folder_splits(cfg)
+        loaded = data.load(cfg)
+        classes = loaded.classes
         import paddle
         import device as devices
         # the device first: a model built before it would put its weights on GPU 0 of a GPU
@@ -86,8 +86,7 @@ def main(argv=None):
         learnable = [p for k, p in model.named_parameters() if not k.endswith(("_mean", "_variance"))]
         engine.log(f"strategy {cfg.strategy}: {sum(p.size for p in parameters):,} of "
                    f"{sum(p.size for p in learnable):,} parameters trainable; classes: {', '.join(classes)}")
-        return engine.fit(cfg, datasets, classes, resume_state=resume_state, model=model, parameters=parameters,
-                          extra_state=dict(preprocess=preprocess))
+        return engine.fit(cfg, loaded, resume_state=resume_state, model=model, parameters=parameters)
 
 
 if __name__ == "__main__":

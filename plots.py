@@ -48,17 +48,24 @@ def plot_curves(path, history, title=""):
     return _save(fig, path)
 
 
+MAX_COUNTS_SHOWN = 20  # classes up to which each cell shows its count (CIFAR-100's 10,000 would be unreadable)
+
+
 def plot_confusion(path, confusion, class_names, title=""):
-    """A confusion matrix (rows: true class, columns: predicted) with its counts."""
+    """A confusion matrix (rows: true class, columns: predicted) with its counts (up to
+    MAX_COUNTS_SHOWN classes; beyond, the colours alone on a larger canvas, small labels)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6))
+    n = len(class_names)
+    many = n > MAX_COUNTS_SHOWN
+    fig, ax = plt.subplots(figsize=(14, 12.5) if many else (7, 6))
     im = ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xticks(range(n), class_names, rotation=90 if many else 45, ha="center" if many else "right",
+                  fontsize=5 if many else None)
+    ax.set_yticks(range(n), class_names, fontsize=5 if many else None)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(len(class_names)):
-        for j in range(len(class_names)):
+    for i in range(0 if many else n):  # no counts beyond MAX_COUNTS_SHOWN classes
+        for j in range(n):
             ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if confusion[i, j] > confusion.max() / 2 else "black")
     fig.colorbar(im)

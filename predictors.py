@@ -30,7 +30,7 @@ class CheckpointPredictor:
         self.cfg, self.model = checkpoint.model_from_checkpoint(state)
         self.model.eval()
         self.class_names = list(state["class_names"])
-        self.preprocess = state.get("preprocess") or data.CIFAR10_PREPROCESS
+        self.preprocess = state.get("preprocess") or data.preprocess_of(self.cfg)  # or from its config
 
     @paddle.no_grad()
     def __call__(self, batch):

@@ -35,6 +35,30 @@ def make_cifar_archive(path, n_train=300, n_test=100, seed=0, learnable=True):
     return str(path)
 
 
+def make_cifar100_archive(path, n_train=400, n_test=200, seed=0):
+    """A cifar-100-python.tar.gz in the official layout (train, test, meta; fine and
+    coarse labels), each class a distinct mean colour."""
+    rng = np.random.RandomState(seed)
+
+    def split(n):
+        fine = np.arange(n) % 100  # every class in every split
+        images = rng.randint(0, 64, (n, 3, 32, 32)) + (fine[:, None, None, None] * np.array([7, 13, 29])[None, :, None, None]) % 192
+        return {b"data": images.clip(0, 255).astype(np.uint8).reshape(n, 3072), b"fine_labels": fine.tolist(),
+                b"coarse_labels": (fine // 5).tolist(), b"filenames": [b"img_%d.png" % i for i in range(n)],
+                b"batch_label": b"tiny"}
+
+    files = {"cifar-100-python/train": split(n_train), "cifar-100-python/test": split(n_test),
+             "cifar-100-python/meta": {b"fine_label_names": [b"class_%02d" % i for i in range(100)],
+                                       b"coarse_label_names": [b"super_%02d" % i for i in range(20)]}}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in files.items():
+            raw = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
 def make_image_folder(root, classes=("cats", "dogs", "owls"), per_class=8, seed=0):
     """A tiny class-per-folder image set: PNG and JPEG files in RGB, L, P, RGBA and CMYK."""
     from PIL import Image

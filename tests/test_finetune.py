@@ -217,7 +217,7 @@ def test_eval_of_a_finetuning_run_uses_its_own_folder(run_full, folder, capsys):
     assert result["top1"] == pytest.approx(history[-1]["val_acc"])
     with pytest.raises(SystemExit) as e:
         eval_script.main(["--ckpt", str(run_full), "--split", "test"])
-    assert str(e.value.code).startswith("error: a fine-tuning run has no test split")
+    assert str(e.value.code).startswith("error: an image-folder run has no test split")
 
 
 def test_corrupt_export_meta_is_one_line(run_full, tmp_path):

@@ -78,7 +78,7 @@ def test_load_weights_cannot_reach_an_o2_model_so_best_is_a_fresh_model(tmp_path
     best = models.resnet20()
     state = dict(model=best.state_dict(), config=config.to_dict(cfg), class_names=list(data.CIFAR10_CLASSES))
     checkpoint.save(os.path.join(cfg.output_dir, checkpoint.BEST), state)
-    test = data.cifar10_splits(cfg)["test"]
+    test = data.load(cfg).splits["test"]
     run = checkpoint.RunState(history=[dict(epoch=2, iteration=4, train_loss=1.0, train_acc=0.1, val_acc=0.2,
                                             epoch_time_s=1.0)], best=dict(val_acc=0.3, epoch=1))
     final_model = engine.model_for_eval(o2, cfg, 10)
@@ -474,5 +474,5 @@ def test_cifar_download_is_one_process_at_a_time(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datasets, "Cifar10", fake_cifar)
     with pytest.raises(config.UserError, match="could not be downloaded"):
-        data.load_cifar10("", "train")
+        data.load_cifar("", "train")
     assert seen == ["held"]

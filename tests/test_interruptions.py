@@ -137,8 +137,8 @@ def test_a_kill_at_every_write_leaves_a_run_that_resume_finishes_consistently(ar
 
 # ------------------------------------------------------------ signals in every phase
 def test_sigterm_while_the_archive_loads_is_one_line(archive, tmp_path):
-    slow = "import data, time; load = data.load_cifar10\n" \
-           "data.load_cifar10 = lambda *a: (print('LOADING', flush=True), time.sleep(30), load(*a))[2]"
+    slow = "import data, time; load = data.load_cifar\n" \
+           "data.load_cifar = lambda *a: (print('LOADING', flush=True), time.sleep(30), load(*a))[2]"
     proc = start(hooked(slow, "train_cifar10.py", *TINY, "--data-file", archive, "--output-dir", tmp_path / "o"))
     lines = []
     wait_for(proc, "LOADING", lines)

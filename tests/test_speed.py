@@ -20,7 +20,7 @@ def archive(tmp_path_factory):
 
 def test_device_loader_shapes_labels_and_augmentation(archive):
     cfg = config.make_config(dict(data_file=archive, val_size=20, seed=3))
-    split = data.cifar10_splits(cfg)["train"]
+    split = data.load(cfg).splits["train"]
     loader = data.DeviceCifarLoader(split, "crop_flip", cfg.seed)
     batches = data.epoch_batches(split, batch_size=32, seed=3, epoch=0)
     epoch = loader.epoch(0, batches)
