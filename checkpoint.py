@@ -144,10 +144,18 @@ def on_cpu():
 
 
 # -------------------------------------------------------------------- models
+def stem_of(cfg):
+    """The stem a config means: ``auto`` is a CIFAR net's only one, and for resnet18..152
+    the CIFAR stem on CIFAR's 32x32 images, the ImageNet one on an image folder."""
+    if cfg.stem != "auto":
+        return cfg.stem
+    return "cifar" if cfg.model in models.CIFAR_ONLY or cfg.dataset != "folder" else "imagenet"
+
+
 def build_model(cfg, num_classes):
     """The network a config names (every factory takes ``stem``)."""
     try:
-        return models.get_model(cfg.model, num_classes=num_classes, stem=cfg.stem,
+        return models.get_model(cfg.model, num_classes=num_classes, stem=stem_of(cfg),
                                 zero_init_residual=cfg.zero_init_residual)
     except ValueError as e:
         raise UserError(str(e).replace("use stem 'cifar'", "pass --stem cifar"))

@@ -19,7 +19,8 @@ import yaml
 class TrainConfig:
     # model
     model: str = "resnet18"          # a factory name of models.get_model
-    stem: str = "cifar"              # resnet18..152 only: "cifar" (3x3/1) or "imagenet" (7x7/2 + max-pool)
+    stem: str = "auto"               # cifar (3x3/1) | imagenet (7x7/2 + max-pool) | auto: a CIFAR net's only one;
+    #                                  resnet18..152 the CIFAR stem on CIFAR, the ImageNet one on an image folder
     zero_init_residual: bool = False
     # optimisation
     epochs: int = 30
@@ -69,7 +70,6 @@ class FinetuneConfig(TrainConfig):
     pretrained: str = "imagenet"     # imagenet | none | a .pdparams | a torchvision .pth | a .pdckpt of ours
     strategy: str = "full"           # full | last | head (see finetune.py)
     model: str = "resnet34"
-    stem: str = "imagenet"
     dataset: str = "folder"
     epochs: int = 5
     batch_size: int = 32
@@ -79,7 +79,7 @@ class FinetuneConfig(TrainConfig):
     log_every: int = 5
 
 
-CHOICES = dict(dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
+CHOICES = dict(dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("auto", "cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "flip_color", "none"), normalize=("dataset", "cifar10", "cifar100", "imagenet"), device=("auto", "cpu", "gpu"),
                amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), conv=("onednn", "paddle"))
 

@@ -70,7 +70,7 @@ def main(argv=None):
         if resume_state is None and cfg.pretrained.endswith(".pdckpt") and os.path.isfile(cfg.pretrained):
             # a checkpoint of ours: its architecture (a CIFAR stem, say) decides the model
             source = config.from_checkpoint(checkpoint.load(cfg.pretrained))
-            cfg = config.make_config(dict(model=source.model, stem=source.stem), base=cfg)
+            cfg = config.make_config(dict(model=source.model, stem=checkpoint.stem_of(source)), base=cfg)
         loaded = data.load(cfg)
         classes = loaded.classes
         import paddle

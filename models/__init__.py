@@ -57,12 +57,19 @@ def _keep_freed_memory():
 
 KEEPS_FREED_MEMORY = _keep_freed_memory()
 
+# Paddle 3.x imports its C++ extension builder with paddle itself, and the builder warns
+# "No ccache found" on import when ccache is not installed (paddle/utils/cpp_extension/
+# extension_utils.py, find_ccache_home): advice for whoever rebuilds extensions often, not
+# about this run (onednn_conv/ compiles once and is cached). Only that warning is silenced.
+import warnings  # noqa: E402
+warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+
 # Paddle 2.6 bundles a zlib that, when it loads before Pillow's, breaks Pillow's PNG
 # decoding ("OSError: codec configuration error"): load Pillow first.
 import PIL.Image  # noqa: E402,F401
 
 from .resnet import (  # noqa: E402
-    MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,
+    CIFAR_ONLY, MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,
     get_model, plain20, plain32, plain44, plain56, plain110, resnet18, resnet20, resnet32,
     resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
     resnext50_32x4d, wide_resnet50_2)

@@ -328,6 +328,9 @@ MODELS = {f.__name__: f for f in (
     resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2,
     resnet20, resnet32, resnet44, resnet56, resnet110,
     plain20, plain32, plain44, plain56, plain110)}
+# the paper's CIFAR nets: they have the CIFAR stem only
+CIFAR_ONLY = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44", "plain56",
+              "plain110")
 
 
 def get_model(name, **kwargs):

@@ -142,3 +142,18 @@ def test_no_two_modules_import_each_other():
 
     cycles = [c for c in (cycle_from(n) for n in sorted(graph)) if c]
     assert not cycles, " -> ".join(cycles[0])
+
+
+def test_a_one_stem_net_takes_its_stem_without_being_told(tmp_path):
+    import finetune
+    folder = make_image_folder(tmp_path / "imgs")
+    common = ["--model", "resnet20", "--pretrained", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "6",
+              "--num-workers", "0", "--data-dir", folder]
+    finetune.main(common + ["--output-dir", str(tmp_path / "auto")])
+    state = checkpoint.load(str(tmp_path / "auto" / "last.pdckpt"))
+    assert state["config"]["stem"] == "auto" and state["model"]["conv1.weight"].shape == [16, 3, 3, 3]
+    with pytest.raises(SystemExit) as e:  # asked for, the other stem stays an error
+        finetune.main(common + ["--stem", "imagenet", "--output-dir", str(tmp_path / "imagenet")])
+    assert "resnet20 is the paper's CIFAR network: it has only the CIFAR stem; pass --stem cifar" in str(e.value.code)
+    assert checkpoint.stem_of(config.make_config(dict(model="resnet18"))) == "cifar"  # CIFAR: the 3x3 stem
+    assert checkpoint.stem_of(config.make_config(dict(model="resnet34"), cls=config.FinetuneConfig)) == "imagenet"
