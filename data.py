@@ -290,7 +290,14 @@ def leave_stop_signals_to_the_main_process(worker_id):
 
 
 def quiet_worker_exit(signum, frame):
-    raise KeyboardInterrupt  # Paddle's worker loop ends on it without a word (io/dataloader/worker.py)
+    """Inside Paddle's worker loop, end it: it ends on KeyboardInterrupt without a word
+    (io/dataloader/worker.py). Outside it the worker is already exiting (an epoch's
+    workers end with it, joining their queue's thread): nothing to stop, and an exception
+    there would print a traceback."""
+    while frame is not None:
+        if frame.f_code.co_name == "_worker_loop":
+            raise KeyboardInterrupt
+        frame = frame.f_back
 
 
 class Checked:
