@@ -17,9 +17,14 @@ def _cpu_vendor():
 # CPU settings, read by Paddle's libraries when they load, so only effective if paddle is
 # not imported yet; a value the user set always wins.
 # - Paddle sets OMP_NUM_THREADS=1 when it is unset, using one core: use every core we may
-#   (ResNet-18/CIFAR training on 2 cores: 23.7 img/s with 1 thread, 30.0 with 2).
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                             else os.cpu_count() or 1))
+#   (ResNet-18/CIFAR training on 2 cores: 23.7 img/s with 1 thread, 30.0 with 2). Paddle's
+#   import prints "WARNING: OMP_NUM_THREADS set to 2, not 1 ... PLEASE USE OMP_NUM_THREADS
+#   WISELY" for any value above 1 (paddle/base/__init__.py, __bootstrap__): it imports
+#   with 1, and the OpenMP runtimes get the count right after (_use_threads, below).
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                    else os.cpu_count() or 1))
+if "paddle" not in sys.modules:
+    os.environ["OMP_NUM_THREADS"] = "1"
 # - Idle OpenMP threads sleep instead of spinning: this process runs two OpenMP runtimes
 #   (Paddle's MKL on libiomp5; oneDNN and onednn_conv/ on libgomp), each with a worker
 #   that spins after every parallel region, and on 2 cores the spinning worker of one
@@ -74,3 +79,20 @@ from .resnet import (  # noqa: E402
     resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
     resnext50_32x4d, wide_resnet50_2)
 from .weights import load_weights  # noqa: E402
+
+
+def _use_threads(n):
+    """Give both OpenMP runtimes of this process (libgomp: oneDNN and onednn_conv/; Paddle's
+    libiomp5: MKL) ``n`` threads, and the environment too, for the processes started later."""
+    import ctypes
+    import paddle
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    for lib in ("libgomp.so.1", os.path.join(libs, "libiomp5.so")):
+        try:
+            ctypes.CDLL(lib).omp_set_num_threads(n)
+        except (OSError, AttributeError):  # a runtime this build does not ship
+            pass
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+_use_threads(THREADS)
