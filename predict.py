@@ -58,6 +58,7 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a .pdckpt checkpoint, or a run directory (its best)")
     source.add_argument("--inference-model", metavar="DIR", help="a directory written by export.py")
+    source.add_argument("--onnx", metavar="FILE", help="a model.onnx written by export.py --format onnx (onnxruntime)")
     parser.add_argument("path", help="an image file or a folder of images")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -83,6 +84,8 @@ def main(argv=None):
             raise config.UserError(f"{args.path}: no such file or folder")
         if args.ckpt:
             predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), args.device)
+        elif args.onnx:
+            predictor = predictors.OnnxPredictor(args.onnx)
         else:
             predictor = predictors.InferenceModelPredictor(args.inference_model, args.device,
                                                            precision=args.precision, tensorrt=args.tensorrt)

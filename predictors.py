@@ -52,6 +52,58 @@ def export(predictor, output_dir):
     return prefix
 
 
+ONNX_OPSET = 13  # onnxruntime runs every opset from 7; 13 has every op a ResNet needs
+ONNX_NEEDS = "pip install -r requirements-onnx.txt"
+
+
+def export_onnx(model_dir):
+    """Convert the export in ``model_dir`` (model.json + model.pdiparams) to model.onnx
+    beside it with paddle2onnx (batch size dynamic). Returns its path."""
+    if not os.path.isfile(os.path.join(model_dir, "model.json")):
+        raise UserError(f"ONNX export needs Paddle 3.x: paddle2onnx 2.x reads its model.json, and this is Paddle "
+                        f"{paddle.__version__}; use Paddle 3.x, or export without --format onnx")
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise UserError(f"--format onnx needs paddle2onnx: {ONNX_NEEDS}")
+    path = os.path.join(model_dir, "model.onnx")
+    try:  # optimize_tool "none": its default (polygraphy) would pip-install packages to fold constants
+        paddle2onnx.export(os.path.join(model_dir, "model.json"), os.path.join(model_dir, "model.pdiparams"), path,
+                           opset_version=ONNX_OPSET, enable_onnx_checker=True, optimize_tool="none")
+    except Exception as e:
+        raise UserError(f"paddle2onnx could not convert {model_dir} ({type(e).__name__}: {str(e)[:200]})")
+    return path
+
+
+class OnnxPredictor:
+    """An exported model.onnx run by onnxruntime on the CPU (meta.json beside it names the
+    classes and the preprocessing)."""
+
+    def __init__(self, path):
+        meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), META)
+        if not os.path.isfile(path):
+            raise UserError(f"--onnx {path}: no such file; make it with export.py --format onnx")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"--onnx {path}: no {META} beside it; export it again with export.py --format onnx")
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError(f"--onnx needs onnxruntime: {ONNX_NEEDS}")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        self.class_names, self.preprocess = meta["class_names"], meta["preprocess"]
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: not its notes about unused initializers
+        try:
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UserError(f"onnxruntime could not load {path} ({type(e).__name__}); export it again")
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch):
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
 TENSORRT_MAX_BATCH = 256  # TensorRT's static-shape engine refuses larger batches
 
 

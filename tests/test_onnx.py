@@ -1,0 +1,98 @@
+"""export.py --format onnx (paddle2onnx) and predict.py --onnx (onnxruntime), for users who
+deploy with onnxruntime. Both are optional (requirements-onnx.txt); CI installs them with
+Paddle 3.x. paddle2onnx 2.x reads Paddle 3.x exports only: Paddle 2.6 is refused."""
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+import checkpoint
+import config
+import export
+import models
+import predict
+import predictors
+from helpers import make_image_folder
+
+P3 = not paddle.__version__.startswith("2.")
+needs_onnx = pytest.mark.skipif(not P3, reason="paddle2onnx 2.x reads Paddle 3.x exports (model.json)")
+
+
+def checkpoint_of(tmp_path, name, classes, size):
+    """A checkpoint of ``name`` with random weights (what fit writes, minus the training state)."""
+    paddle.seed(1)
+    model = models.get_model(name, num_classes=len(classes), stem="cifar")
+    cfg = config.make_config(dict(model=name, stem="cifar", dataset="folder", image_size=size))
+    # BatchNorm running statistics away from 0/1, so that the ONNX graph's BN is exercised
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            layer._mean.set_value(paddle.rand(layer._mean.shape) * 0.2)
+            layer._variance.set_value(paddle.rand(layer._variance.shape) + 0.5)
+    state = dict(model=model.state_dict(), config=config.to_dict(cfg), class_names=list(classes), epoch=1,
+                 preprocess=dict(resize=size, crop=size, mean=[0.5] * 3, std=[0.25] * 3))
+    path = str(tmp_path / f"{name}.pdckpt")
+    paddle.save(state, path)
+    return path, model
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+def test_onnx_logits_equal_the_checkpoints(tmp_path, name):
+    pytest.importorskip("paddle2onnx")
+    ckpt, model = checkpoint_of(tmp_path, name, ["a", "b", "c"], 32)
+    out = tmp_path / "exported"
+    export.main(["--ckpt", ckpt, "--output", str(out), "--format", "onnx"])
+    onnx = predictors.OnnxPredictor(str(out / "model.onnx"))
+    model.eval()
+    for n in (1, 7):  # the batch size is dynamic
+        x = np.random.RandomState(n).rand(n, 3, 32, 32).astype("float32")
+        ours = model(paddle.to_tensor(x)).numpy()
+        np.testing.assert_allclose(onnx(x), ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+    assert json.load(open(out / "meta.json"))["class_names"] == ["a", "b", "c"]
+
+
+@needs_onnx
+def test_predict_onnx_names_the_same_classes_as_the_checkpoint(tmp_path):
+    pytest.importorskip("paddle2onnx")
+    folder = make_image_folder(tmp_path / "imgs")
+    ckpt, _ = checkpoint_of(tmp_path, "resnet20", ["cats", "dogs", "owls"], 32)
+    out = tmp_path / "exported"
+    export.main(["--ckpt", ckpt, "--output", str(out), "--format", "onnx"])
+    by_ckpt = predict.main(["--ckpt", ckpt, folder, "--topk", "1", "--device", "cpu"])
+    by_onnx = predict.main(["--onnx", str(out / "model.onnx"), folder, "--topk", "1"])
+    assert len(by_onnx) == 24 and [(p, t[0][0]) for p, t in by_onnx] == [(p, t[0][0]) for p, t in by_ckpt]
+    for (_, a), (_, b) in zip(by_ckpt, by_onnx):
+        assert abs(a[0][1] - b[0][1]) < 1e-4
+
+
+def test_a_missing_onnx_package_or_file_is_one_line(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_onnx(name, *a, **k):
+        if name in ("paddle2onnx", "onnxruntime"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    (tmp_path / "model.json").write_text("{}")
+    (tmp_path / predictors.META).write_text("{}")
+    (tmp_path / "model.onnx").write_text("")
+    if P3:
+        with pytest.raises(config.UserError, match="needs paddle2onnx: pip install -r requirements-onnx.txt"):
+            predictors.export_onnx(str(tmp_path))
+    with pytest.raises(config.UserError, match="needs onnxruntime: pip install -r requirements-onnx.txt"):
+        predictors.OnnxPredictor(str(tmp_path / "model.onnx"))
+    with pytest.raises(config.UserError, match="no such file; make it with export.py --format onnx"):
+        predictors.OnnxPredictor(str(tmp_path / "none.onnx"))
+
+
+@pytest.mark.skipif(P3, reason="Paddle 2.6 writes model.pdmodel, which paddle2onnx 2.x does not read")
+def test_paddle26_onnx_export_is_refused_in_one_line(tmp_path):
+    ckpt, _ = checkpoint_of(tmp_path, "resnet20", ["a", "b"], 32)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", ckpt, "--output", str(tmp_path / "e"), "--format", "onnx"])
+    assert str(e.value.code).startswith("error: ONNX export needs Paddle 3.x")
+    assert checkpoint.load(ckpt)["epoch"] == 1
