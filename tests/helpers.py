@@ -7,6 +7,17 @@ import tarfile
 import numpy as np
 
 
+def write_pickles(path, files):
+    """A .tar.gz at ``path`` holding each {name: object} pickled, as the CIFAR archives are."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in files.items():
+            raw = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
 def make_cifar_archive(path, n_train=300, n_test=100, seed=0, learnable=True):
     """A cifar-10-python.tar.gz in the official layout with random images.
 
@@ -26,13 +37,7 @@ def make_cifar_archive(path, n_train=300, n_test=100, seed=0, learnable=True):
     files = {f"cifar-10-batches-py/data_batch_{i}": batch(per) for i in range(1, 6)}
     files["cifar-10-batches-py/test_batch"] = batch(n_test)
     files["cifar-10-batches-py/batches.meta"] = {b"label_names": [b"c%d" % i for i in range(10)]}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in files.items():
-            raw = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return str(path)
+    return write_pickles(path, files)
 
 
 def make_cifar100_archive(path, n_train=400, n_test=200, seed=0):
@@ -50,13 +55,7 @@ def make_cifar100_archive(path, n_train=400, n_test=200, seed=0):
     files = {"cifar-100-python/train": split(n_train), "cifar-100-python/test": split(n_test),
              "cifar-100-python/meta": {b"fine_label_names": [b"class_%02d" % i for i in range(100)],
                                        b"coarse_label_names": [b"super_%02d" % i for i in range(20)]}}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in files.items():
-            raw = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return str(path)
+    return write_pickles(path, files)
 
 
 def make_image_folder(root, classes=("cats", "dogs", "owls"), per_class=8, seed=0):
