@@ -285,11 +285,21 @@ def fp32_state_dict(model):
     return {k: v.astype("float32") if v.dtype in low else v for k, v in model.state_dict(use_hook=False).items()}
 
 
+def recorded_config(cfg):
+    """The config as a checkpoint records it: the data paths absolute, so that eval.py and
+    --resume find the data from any folder."""
+    values = config.to_dict(cfg)
+    for key in ("data_file", "data_dir"):
+        if values.get(key):
+            values[key] = os.path.abspath(values[key])
+    return values
+
+
 def run_state(run, model, opt, sched, scaler, cfg, class_names, extra=None, world_size=1):
     """The checkpoint dict of a training run; ``model`` is the plain network (no wrapper)."""
     return dict(model=fp32_state_dict(model), optimizer=optimizer_state(opt, model), scheduler=sched.state_dict(),
                 scaler=scaler.state_dict() or None, epoch=run.epoch, progress=run.progress(),
-                history=run.history, best=run.best, rng=rng_state(), config=config.to_dict(cfg),
+                history=run.history, best=run.best, rng=rng_state(), config=recorded_config(cfg),
                 class_names=list(class_names), paddle_version=paddle.__version__, world_size=world_size,
                 **(extra or {}))
 

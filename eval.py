@@ -35,6 +35,10 @@ def eval_split(cfg, args, class_names):
     given = args.data_dir if folder else args.data_file
     if given:
         cfg = config.make_config({"data_dir" if folder else "data_file": given}, base=cfg)
+    recorded = cfg.data_dir if folder else cfg.data_file
+    if not given and recorded and not os.path.exists(recorded):
+        raise config.UserError(f"the data the run was trained on, {recorded} (recorded in the checkpoint), is not "
+                               f"there; pass {flag} PATH")
     loaded = data.load(cfg)
     if loaded.classes != list(class_names):
         where = f"--data-dir {cfg.data_dir}" if folder else f"the {cfg.dataset} data"

@@ -157,3 +157,20 @@ def test_a_one_stem_net_takes_its_stem_without_being_told(tmp_path):
     assert "resnet20 is the paper's CIFAR network: it has only the CIFAR stem; pass --stem cifar" in str(e.value.code)
     assert checkpoint.stem_of(config.make_config(dict(model="resnet18"))) == "cifar"  # CIFAR: the 3x3 stem
     assert checkpoint.stem_of(config.make_config(dict(model="resnet34"), cls=config.FinetuneConfig)) == "imagenet"
+
+
+def test_a_checkpoint_records_its_data_paths_absolute(tmp_path, monkeypatch):
+    """eval.py --ckpt RUN from another folder found no '../data/...' the user never typed."""
+    archive = make_cifar_archive(tmp_path / "c.tar.gz", n_train=100, n_test=50)
+    monkeypatch.chdir(tmp_path)
+    train_cifar10.main(TINY + ["--data-file", "c.tar.gz", "--val-size", "20", "--output-dir", "run"])
+    assert checkpoint.load("run")["config"]["data_file"] == archive
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert eval_script.main(["--ckpt", "../run", "--num-workers", "0", "--json"])["n"] == 50
+    os.rename(archive, tmp_path / "moved.tar.gz")
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(["--ckpt", "../run", "--num-workers", "0"])
+    assert str(e.value.code) == (f"error: the data the run was trained on, {archive} (recorded in the checkpoint), "
+                                 "is not there; pass --data-file PATH")
