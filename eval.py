@@ -30,9 +30,9 @@ def eval_split(cfg, args, class_names):
         raise config.UserError("an image-folder run has no test split (the folder is split into train and val "
                                "only); use --split val")
     flag, wrong = ("--data-dir", "--data-file") if folder else ("--data-file", "--data-dir")
-    if getattr(args, wrong.strip("-").replace("-", "_")):
+    given, other = (args.data_dir, args.data_file) if folder else (args.data_file, args.data_dir)
+    if other:
         raise config.UserError(f"{wrong} is not for this checkpoint (--dataset {cfg.dataset}); it takes {flag}")
-    given = args.data_dir if folder else args.data_file
     if given:
         cfg = config.make_config({"data_dir" if folder else "data_file": given}, base=cfg)
     recorded = cfg.data_dir if folder else cfg.data_file

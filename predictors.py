@@ -75,6 +75,17 @@ def export_onnx(model_dir):
     return path
 
 
+def read_meta(meta_path, what, how):
+    """(class names, preprocessing) from an export's meta.json; ``what`` names the export
+    and ``how`` makes it again, for the error."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return meta["class_names"], meta["preprocess"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{what}: {META} is unreadable ({type(e).__name__}); export the model again with {how}")
+
+
 class OnnxPredictor:
     """An exported model.onnx run by onnxruntime on the CPU (meta.json beside it names the
     classes and the preprocessing)."""
@@ -89,9 +100,7 @@ class OnnxPredictor:
             import onnxruntime
         except ImportError:
             raise UserError(f"--onnx needs onnxruntime: {ONNX_NEEDS}")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        self.class_names, self.preprocess = meta["class_names"], meta["preprocess"]
+        self.class_names, self.preprocess = read_meta(meta_path, f"--onnx {path}", "export.py --format onnx")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: not its notes about unused initializers
         try:
@@ -128,13 +137,8 @@ class InferenceModelPredictor:
         meta_path = os.path.join(model_dir, META)
         if not os.path.isfile(meta_path):
             raise UserError(f"--inference-model {model_dir}: no {META}; make it with export.py --output {model_dir}")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            self.class_names, self.preprocess = meta["class_names"], meta["preprocess"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--inference-model {model_dir}: {META} is unreadable ({type(e).__name__}); "
-                            f"export the model again with export.py --output {model_dir}")
+        self.class_names, self.preprocess = read_meta(meta_path, f"--inference-model {model_dir}",
+                                                      f"export.py --output {model_dir}")
         # Paddle 3.x writes model.json, 2.x model.pdmodel; 3.x reads both
         model_file = next((os.path.join(model_dir, "model" + ext) for ext in (".json", ".pdmodel")
                            if os.path.isfile(os.path.join(model_dir, "model" + ext))), None)
