@@ -6,7 +6,9 @@ values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``
 """
 import contextlib
 import dataclasses
+import inspect
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,23 +23,23 @@ class TrainConfig:
     model: str = "resnet18"          # a factory name of models.get_model
     stem: str = "auto"               # cifar (3x3/1) | imagenet (7x7/2 + max-pool) | auto: a CIFAR net's only one;
     #                                  resnet18..152 the CIFAR stem on CIFAR, the ImageNet one on an image folder
-    zero_init_residual: bool = False
+    zero_init_residual: bool = False # start each block's last BatchNorm scale at 0 (Goyal et al. 2017)
     # optimisation
-    epochs: int = 30
+    epochs: int = 30                 # passes over the training split
     max_iters: int = 0               # stop after this many iterations (the paper's 64k); 0: epochs decide
     batch_size: int = 128            # per device: the global batch is batch_size x devices
     scale_lr: bool = False           # multi-device: lr x devices (linear scaling rule)
     sync_bn: bool = False            # multi-GPU: BatchNorm statistics over the global batch
     optimizer: str = "sgd"           # sgd (momentum) | adam
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
+    lr: float = 0.1                  # the learning rate (the peak, with warm-up)
+    momentum: float = 0.9            # sgd: momentum
+    nesterov: bool = False           # sgd: Nesterov momentum
     weight_decay: float = 5e-4       # L2, on every parameter
     schedule: str = "cosine"         # cosine | step | constant, stepped every iteration
     milestones: typing.List[int] = dataclasses.field(default_factory=list)  # step: iterations
     gamma: float = 0.1               # step: LR factor at each milestone
     warmup_iters: int = 0            # linear warm-up from 0 to lr over this many iterations
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0     # cross-entropy label smoothing (0: none)
     # data
     dataset: str = "cifar10"         # cifar10 | cifar100 | folder (an image folder, --data-dir)
     data_file: str = ""              # cifar10/cifar100: the official cifar-10/100-python.tar.gz; "": Paddle's download
@@ -48,18 +50,18 @@ class TrainConfig:
     normalize: str = "dataset"       # CIFAR: the mean/std of the dataset's own training images | cifar10 | cifar100 | imagenet
     val_size: int = 5000             # CIFAR: held out of the 50k training images, for model selection
     subset: int = 0                  # train on the first N training images (0: all)
-    num_workers: int = 2
+    num_workers: int = 2             # DataLoader worker processes (0: load in the training process)
     loader: str = "dataloader"       # dataloader (workers + PIL transforms) | device (CIFAR on the GPU, batched ops)
     # run
-    seed: int = 0
+    seed: int = 0                    # the initial weights, the data order and every random crop and flip
     device: str = "auto"             # auto (GPU when Paddle has one) | cpu | gpu
-    amp: bool = False                # mixed precision, GPU only
+    amp: bool = False                # mixed precision: a GPU (fp16, bf16), or a CPU with bf16 units (bf16)
     amp_dtype: str = "float16"       # float16 | bfloat16
     amp_level: str = "O1"            # O1: per-op casts | O2: fp16/bf16 weights with fp32 master copies
     to_static: bool = False          # compile the model with paddle.jit.to_static
     conv: str = "onednn"             # CPU training: onednn (onednn_conv/, when it builds here; else Paddle's, said) | paddle
     deterministic: bool = False      # GPU: cuDNN's deterministic algorithms (bit-exact resume; slower). The CPU always is
-    output_dir: str = "runs/cifar10"
+    output_dir: str = "runs/cifar10" # where the run writes its checkpoints, metrics and plots
     log_every: int = 50              # iterations between progress lines
     visualdl: bool = False           # also write VisualDL logs to OUTPUT_DIR/visualdl (pip install visualdl)
 
@@ -241,15 +243,38 @@ def load_yaml(path):
     return values
 
 
+def field_comments(cls):
+    """{field: its comment in the class's source}, the subclass's over its base's: a
+    config key's comment is its --help. A comment goes on over lines that start with
+    '#' and two spaces or more."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        name = None
+        for line in inspect.getsource(klass).splitlines():
+            field, more = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line), re.match(r"\s+#\s{2,}(.*)", line)
+            if field:
+                name, comments[field.group(1)] = field.group(1), field.group(2)
+            elif more and name:
+                comments[name] += " " + more.group(1)
+            else:
+                name = None
+    return comments
+
+
 def add_config_arguments(parser, cls=TrainConfig):
-    """One ``--key`` option per config field; unset options stay None (no override)."""
+    """One ``--key`` option per config field, its help the field's comment, its choices
+    and its default; unset options stay None (no override)."""
     group = parser.add_argument_group("config keys (override the recipe)")
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        extra = dict(nargs="?", const="true") if typing.get_type_hints(cls)[f.name] is bool else {}
-        group.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
-                           help=f"(default {default!r})", **extra)
+        is_bool = typing.get_type_hints(cls)[f.name] is bool
+        extra = dict(nargs="?", const="true") if is_bool else {}
+        metavar = "{" + ",".join(CHOICES[f.name] if f.name in CHOICES else ("true", "false") if is_bool else ()) + "}"
+        metavar = metavar if metavar != "{}" else f.name.upper()
+        group.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=metavar,
+                           help=f"{comments.get(f.name, '')} (default {default!r})".lstrip(), **extra)
 
 
 def cli_overrides(args, cls=TrainConfig):

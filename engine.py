@@ -70,11 +70,12 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
 
 
 # ------------------------------------------------------------------------ one epoch
-def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, board=None, world=1):
+def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, board=None, world=1, estimate=None):
     """Train over ``loader``, adding to ``run`` (a checkpoint.RunState) the epoch's running
     sums and position, so that an epoch resumed after Ctrl-C adds up the same.
     ``scaler``: a GradScaler, a pass-through when disabled (no fp16). ``board``: a
-    VisualDL LogWriter or None. ``world``: the number of ranks (they stop together)."""
+    VisualDL LogWriter or None. ``world``: the number of ranks (they stop together).
+    ``estimate``: a RunEstimate, told of every step."""
     train_net.train()
     steps = run.step + len(loader)  # this epoch's batches, the ones done before a resume included
     t0, seen0, step0 = time.time(), run.seen, run.step
@@ -94,6 +95,8 @@ def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, boar
         add_step_loss(run, loss.detach() * n, skip_overflow=scaler.is_enable())
         run.correct = run.correct + (logits.argmax(-1) == labels.reshape([-1])).astype("int64").sum()
         run.seen, run.step, run.iteration = run.seen + n, run.step + 1, run.iteration + 1
+        if estimate is not None:
+            estimate.step(run.iteration)
         if run.step % cfg.log_every == 0 or run.step == steps:
             check_finite(run, epoch, cfg, world=world)
             elapsed = time.time() - t0
@@ -153,6 +156,35 @@ def loss_of(logits, labels, label_smoothing=0.0):
     an fp16 loss makes the epoch's running sum overflow (65504) and the first 2**16 loss
     scale inf in backward (GPU audit #2 and #11)."""
     return F.cross_entropy(logits.astype("float32"), labels, label_smoothing=label_smoothing)
+
+
+class RunEstimate:
+    """After the first steps of a run (or of a resume), one line: how long its training
+    steps will take on this machine. The first SKIP steps (oneDNN primitives, DataLoader
+    workers starting) are left out; the next MEASURE steps are timed."""
+    SKIP, MEASURE = 2, 10
+
+    def __init__(self, total_iterations, start_iteration):
+        self.total, self.start, self.t0 = total_iterations, start_iteration, None
+
+    def step(self, iteration):
+        done = iteration - self.start
+        if done == self.SKIP:
+            self.t0 = time.time()
+        elif done == self.SKIP + self.MEASURE and self.t0 is not None:
+            left = (time.time() - self.t0) / self.MEASURE * (self.total - iteration)
+            log(f"the run's {self.total - iteration:,} remaining training steps: about {rough_duration(left)} on "
+                f"this machine (from steps {self.start + self.SKIP + 1}-{iteration}; validation adds to it)")
+
+
+def rough_duration(s):
+    """'about 40 s', '12 min', '8 h 40 min': what a reader needs to decide whether to wait."""
+    if s < 60:
+        return f"{max(10, round(s, -1)):.0f} s"
+    if s < 3600:
+        return f"{round(s / 60):.0f} min"
+    hours, minutes = divmod(round(s / 600) * 10, 60)
+    return f"{hours:.0f} h {minutes:.0f} min" if minutes else f"{hours:.0f} h"
 
 
 def format_seconds(s):
@@ -245,6 +277,7 @@ def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model
             checkpoint.save_run(out, state, improved)
     # loop over epochs
     run_start, epoch_times = time.time(), []
+    estimate = RunEstimate(total_iterations(cfg, batches.per_epoch), run.iteration)
     previous = signal.signal(signal.SIGTERM, config.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
     try:
         for epoch in range(run.epoch, cfg.epochs):
@@ -252,7 +285,7 @@ def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model
                 break
             t0 = time.time()
             train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch, board,
-                            world)
+                            world, estimate)
             check_finite(run, epoch, cfg, model, world)
             launch.average_bn_statistics(model, world)  # one model on every rank, the one saved
             # end of epoch: validation, checkpoints, metrics

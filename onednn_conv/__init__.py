@@ -37,7 +37,7 @@ import device as devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, name) for name in ("conv.cc", "norm.cc")]
-HEADERS_PACKAGE = "onednn-devel-cpu-gomp==2023.2.0"  # oneDNN 3.2.0 headers, as requirements.txt here
+HEADERS_PACKAGE = "onednn-devel-cpu-gomp==2023.2.0"  # oneDNN 3.2.0 headers, as requirements-without-paddle.txt
 PADDLE_LIBS = os.path.join(os.path.dirname(paddle.__file__), "libs")
 
 _loaded = {}  # "op" -> the compiled module, or "why_not" -> the reason it cannot be used

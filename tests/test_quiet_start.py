@@ -40,3 +40,19 @@ def test_the_cpu_threads_are_still_every_core():
     n = str(len(os.sched_getaffinity(0)))
     env, gomp, iomp = proc.stdout.split()
     assert env == n and gomp == n and iomp in (n, "none") and proc.stderr == "", proc.stdout + proc.stderr
+
+
+def test_every_config_key_has_its_comment_as_help_and_its_choices():
+    import argparse
+    import config
+    parser = argparse.ArgumentParser()
+    config.add_config_arguments(parser, config.FinetuneConfig)
+    actions = {a.dest[len("cfg_"):]: a for a in parser._actions if a.dest.startswith("cfg_")}
+    assert set(actions) == {f.name for f in config.dataclasses.fields(config.FinetuneConfig)}
+    for name, action in actions.items():
+        assert not action.help.startswith("(default"), f"{name} has no comment in config.py"
+    assert actions["stem"].help.startswith("cifar (3x3/1) | imagenet (7x7/2 + max-pool) | auto: a CIFAR net's only "
+                                           "one; resnet18..152 the CIFAR stem")  # the comment's second line joined
+    assert actions["stem"].help.endswith("(default 'auto')") and actions["stem"].metavar == "{auto,cifar,imagenet}"
+    assert actions["epochs"].help == "passes over the training split (default 5)"  # the base's comment, the subclass's default
+    assert actions["amp"].metavar == "{true,false}"

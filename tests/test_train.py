@@ -245,3 +245,28 @@ def test_visualdl_missing_is_one_line(archive, tmp_path, monkeypatch, capsys):
     assert "pip install visualdl" in msg
     monkeypatch.undo()
     train_cifar10.main(FAST + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path)])  # retry works
+
+
+def test_rough_duration_reads_as_a_person_would_say_it():
+    assert [engine.rough_duration(s) for s in (3, 44, 61, 59 * 60, 3600, 8 * 3600 + 37 * 60)] == \
+        ["10 s", "40 s", "1 min", "59 min", "1 h", "8 h 40 min"]
+
+
+def test_the_run_estimate_times_steps_after_the_first_and_speaks_once(monkeypatch):
+    clock, lines = iter([100.0, 105.0]), []  # steps 3..12 of the run take 5 s: 0.5 s a step
+    monkeypatch.setattr(engine.time, "time", lambda: next(clock))
+    monkeypatch.setattr(engine, "log", lines.append)
+    estimate = engine.RunEstimate(total_iterations=7212, start_iteration=0)
+    for iteration in range(1, 40):
+        estimate.step(iteration)
+    assert lines == ["the run's 7,200 remaining training steps: about 1 h on this machine "
+                     "(from steps 3-12; validation adds to it)"]
+
+
+def test_a_run_says_its_estimate_after_its_first_steps(archive, tmp_path, capsys):
+    train_cifar10.main(["--model", "resnet20", "--epochs", "1", "--batch-size", "8", "--val-size", "40",
+                        "--num-workers", "0", "--log-every", "100", "--data-file", archive,
+                        "--output-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "the run's 8 remaining training steps: about " in out  # 160 images / 8 = 20 steps, 12 measured
+    assert out.index("model resnet20:") < out.index("remaining training steps") < out.index("epoch 1/1 done")
