@@ -125,11 +125,20 @@ def load(path):
         with on_cpu():  # not into GPU memory, whatever device the run picks later
             state = paddle.load(path)
     except Exception as e:
-        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}); "
-                        "it is truncated or not a checkpoint of ours")
+        raise UserError(f"checkpoint {path} could not be read ({unreadable_because(e)})")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"checkpoint {path} is not a checkpoint of ours (no model and config in it)")
     return state
+
+
+def unreadable_because(error):
+    """Why paddle.load failed, for a user: numpy's major version (numpy 2 pickles its
+    arrays from numpy._core, which numpy 1 has not), or the error and the versions here."""
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").startswith("numpy"):
+        return (f"No module named '{error.name}': it was saved under another numpy major version than this "
+                f"numpy {np.__version__}; read it with the numpy and Paddle it was trained with")
+    return (f"{type(error).__name__}; it is truncated, not a checkpoint of ours, or saved by another Paddle than "
+            f"this {paddle.__version__}")
 
 
 @contextlib.contextmanager

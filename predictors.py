@@ -39,7 +39,8 @@ class CheckpointPredictor:
 
 def export(predictor, output_dir):
     """Save a CheckpointPredictor's model with paddle.jit.save (batch size dynamic) plus
-    meta.json (class names, preprocessing). Returns the path prefix of the saved model."""
+    meta.json (class names, preprocessing, the checkpoint's path from the export: no
+    user's home directory in a file that is shipped). Returns the path prefix of the saved model."""
     os.makedirs(output_dir, exist_ok=True)
     size = predictor.preprocess["crop"]
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
@@ -47,7 +48,7 @@ def export(predictor, output_dir):
     paddle.jit.save(predictor.model, prefix, input_spec=spec)
     with open(os.path.join(output_dir, META), "w") as f:
         json.dump(dict(model=predictor.cfg.model, class_names=predictor.class_names,
-                       preprocess=predictor.preprocess, checkpoint=os.path.abspath(predictor.ckpt),
+                       preprocess=predictor.preprocess, checkpoint=os.path.relpath(predictor.ckpt, output_dir),
                        paddle_version=paddle.__version__), f, indent=1)
     return prefix
 

@@ -30,10 +30,9 @@ def load_weights(model, state_dict, skip_classifier=False):
         skip |= {k for k in state_dict if k.startswith("fc.")}
     missing = sorted(k for k in own if k not in state_dict and k not in skip)
     unexpected = sorted(k for k in state_dict if k not in own and k not in skip)
-    wrong_shape = sorted(
-        f"{k}: model {list(own[k].shape)}, weights {list(np.shape(state_dict[k]))}"
-        for k in own if k in state_dict and k not in skip
-        and list(own[k].shape) != list(np.shape(state_dict[k])))
+    misshapen = sorted(k for k in own if k in state_dict and k not in skip
+                       and list(own[k].shape) != list(np.shape(state_dict[k])))
+    wrong_shape = [f"{k}: model {list(own[k].shape)}, weights {list(np.shape(state_dict[k]))}" for k in misshapen]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
@@ -42,12 +41,29 @@ def load_weights(model, state_dict, skip_classifier=False):
     if wrong_shape:
         problems.append(f"wrong shape {len(wrong_shape)}: {'; '.join(wrong_shape[:10])}{' ...' if len(wrong_shape) > 10 else ''}")
     if problems:
-        hint = "" if skip_classifier else " (fine-tuning to other classes? pass skip_classifier=True)"
-        raise WeightsMismatchError("weights do not fit the model: " + " | ".join(problems) + hint)
+        raise WeightsMismatchError("weights do not fit the model: " + " | ".join(problems)
+                                   + mismatch_hint(own, state_dict, missing + unexpected + misshapen, skip_classifier))
     keys = [k for k in own if k not in skip]
     for k in keys:  # set_value, not set_state_dict: that one warns about the skipped fc
         own[k].set_value(state_dict[k])
     return keys
+
+
+STEMS = {7: "imagenet", 3: "cifar"}  # the first convolution's kernel size -> the stem= it belongs to
+
+
+def mismatch_hint(own, state_dict, bad_keys, skip_classifier):
+    """What to do about a mismatch: build the model with the weights' stem when the first
+    convolutions differ; pass skip_classifier=True when only the classifier does."""
+    theirs, ours = state_dict.get("conv1.weight"), own.get("conv1.weight")
+    if theirs is not None and ours is not None and list(np.shape(theirs)) != list(ours.shape):
+        k_theirs, k_ours = np.shape(theirs)[-1], ours.shape[-1]
+        stem = STEMS.get(k_theirs)
+        build = f": build the model with stem=\"{stem}\"" if stem else ""
+        return f" (the weights have a {k_theirs}x{k_theirs} stem and the model a {k_ours}x{k_ours} one{build})"
+    if not skip_classifier and all(k.startswith("fc.") for k in bad_keys):
+        return " (fine-tuning to other classes? pass skip_classifier=True)"
+    return ""
 
 
 def pretrained_state(source, arch):

@@ -223,6 +223,8 @@ def test_eval_of_a_finetuning_run_uses_its_own_folder(run_full, folder, capsys):
 def test_corrupt_export_meta_is_one_line(run_full, tmp_path):
     out = tmp_path / "exported"
     export_script.main(["--ckpt", str(run_full), "--output", str(out)])
+    recorded = json.load(open(out / "meta.json"))["checkpoint"]  # from the export, no home directory in it
+    assert not os.path.isabs(recorded) and os.path.samefile(out / recorded, run_full / "best.pdckpt")
     (out / "meta.json").write_text("{not json")
     with pytest.raises(SystemExit) as e:
         predict.main(["--inference-model", str(out), str(out / "meta.json")])

@@ -178,13 +178,24 @@ def test_loader_rejects_wrong_depth_and_lists_keys():
 def test_loader_classifier_option():
     state = models.resnet18(num_classes=10, stem="cifar").state_dict()
     model = models.resnet18(num_classes=5, stem="cifar")
-    with pytest.raises(WeightsMismatchError, match="wrong shape 2: fc.bias: model \\[5\\], weights \\[10\\]"):
+    with pytest.raises(WeightsMismatchError, match="wrong shape 2: fc.bias: model \\[5\\], weights \\[10\\]"
+                       ".*other classes\\? pass skip_classifier=True"):
         load_weights(model, state)
     fc_before = model.fc.weight.numpy().copy()
     loaded = load_weights(model, state, skip_classifier=True)
     assert "fc.weight" not in loaded
     np.testing.assert_array_equal(model.fc.weight.numpy(), fc_before)
     np.testing.assert_array_equal(model.conv1.weight.numpy(), state["conv1.weight"].numpy())
+
+
+def test_loader_names_the_stem_of_weights_that_have_the_other_one():
+    imagenet = models.resnet18(num_classes=10).state_dict()
+    with pytest.raises(WeightsMismatchError, match=r'the weights have a 7x7 stem and the model a 3x3 one: build '
+                                                   r'the model with stem="imagenet"\)$') as error:
+        load_weights(models.resnet18(num_classes=10, stem="cifar"), imagenet, skip_classifier=True)
+    assert "skip_classifier" not in str(error.value)
+    with pytest.raises(WeightsMismatchError, match=r'build the model with stem="cifar"'):
+        load_weights(models.resnet18(num_classes=10), models.resnet18(num_classes=10, stem="cifar").state_dict())
 
 
 def test_every_factory_takes_stem_and_paper_nets_have_only_the_cifar_one():

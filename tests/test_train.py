@@ -148,6 +148,16 @@ def test_bad_data_paths(archive, tmp_path, capsys):
     assert "not a tar archive" in run_error(train_cifar10.main, ["--data-file", str(notar)], capsys)
 
 
+def test_a_checkpoint_of_another_numpy_major_says_so(straight_run, monkeypatch, capsys):
+    def numpy2_pickle(*args, **kwargs):  # what numpy 1 says to a numpy 2 pickle's arrays
+        raise ModuleNotFoundError("No module named 'numpy._core'", name="numpy._core")
+
+    monkeypatch.setattr(checkpoint.paddle, "load", numpy2_pickle)
+    msg = run_error(eval_script.main, ["--ckpt", str(straight_run)], capsys)
+    assert "No module named 'numpy._core': it was saved under another numpy major version than this numpy " in msg
+    assert "truncated" not in msg
+
+
 def test_no_data_and_no_network_is_one_line(monkeypatch, tmp_path, capsys):
     import paddle.vision.datasets as datasets
 
@@ -165,6 +175,8 @@ def test_bad_checkpoints(straight_run, tmp_path, capsys):
     truncated = tmp_path / "cut.pdckpt"
     truncated.write_bytes((straight_run / "last.pdckpt").read_bytes()[:5000])
     assert "truncated" in run_error(eval_script.main, ["--ckpt", str(truncated)], capsys)
+    assert f"saved by another Paddle than this {paddle.__version__}" in run_error(
+        eval_script.main, ["--ckpt", str(truncated)], capsys)
     state = checkpoint.load(str(straight_run / "last.pdckpt"))
     state["config"]["model"] = "resnet32"  # the weights are a resnet20's
     wrong = tmp_path / "wrong.pdckpt"
