@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -352,6 +353,20 @@ def saved_values(state):
 
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+def as_command(cfg):
+    """The command line that trains ``cfg``: its script and every key that differs from
+    the script's defaults (what a notebook's run records as its command)."""
+    script = "finetune.py" if isinstance(cfg, FinetuneConfig) else "train_cifar10.py"
+    defaults = type(cfg)()
+    flags = []
+    for key, value in to_dict(cfg).items():
+        if value != getattr(defaults, key):
+            flag = "--" + key.replace("_", "-")
+            text = "true" if value is True else "false" if value is False else str(value).replace(" ", "")
+            flags.append(flag if value is True else f"{flag} {shlex.quote(text) if isinstance(value, str) else text}")
+    return " ".join(["python", script] + flags)
 
 
 

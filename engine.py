@@ -400,7 +400,16 @@ def log_replicas(model, world):
 def evidence(cfg, device, world, conv="paddle"):
     """What a result rests on (airbench's habit): Paddle version, device, convolutions, seed, command."""
     return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}", conv=conv,
-                seed=cfg.seed, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+                seed=cfg.seed, command=command_of(cfg))
+
+
+def command_of(cfg):
+    """The command that ran: our script's own argv, or, called from elsewhere (a notebook's
+    ipykernel_launcher, a test), the equivalent command line of ``cfg``."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.dirname(script) == os.path.dirname(os.path.abspath(__file__)):
+        return " ".join([os.path.basename(script)] + sys.argv[1:])
+    return config.as_command(cfg)
 
 
 def seed_everything(seed):

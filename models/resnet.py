@@ -11,6 +11,7 @@ weights Xavier-uniform and bias 0.
 """
 import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 
 
 class ConvBNLayer(nn.Sequential):
@@ -49,8 +50,8 @@ class ZeroPadShortcut(nn.Layer):
     def forward(self, x):
         if self.stride > 1:
             x = x[:, :, ::self.stride, ::self.stride]
-        if self.extra:
-            x = paddle.concat([x, paddle.zeros_like(x[:, :self.extra])], axis=1)
+        if self.extra:  # zero channels after the input's (F.pad: zeros_like warns when exported)
+            x = F.pad(x, [0, 0, 0, self.extra, 0, 0, 0, 0])
         return x
 
 

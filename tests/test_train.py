@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import checkpoint
+import config
 import engine
 import eval as eval_script
 import train_cifar10
@@ -282,3 +283,15 @@ def test_a_run_says_its_estimate_after_its_first_steps(archive, tmp_path, capsys
     out = capsys.readouterr().out
     assert "the run's 8 remaining training steps: about " in out  # 160 images / 8 = 20 steps, 12 measured
     assert out.index("model resnet20:") < out.index("remaining training steps") < out.index("epoch 1/1 done")
+
+
+def test_a_run_from_python_records_the_command_line_that_trains_it(straight_run):
+    """In a notebook sys.argv is ipykernel_launcher's: results.yaml gets the equivalent command instead."""
+    import argparse
+    import shlex
+    command = yaml.safe_load(open(straight_run / "results.yaml"))["command"]
+    assert command.startswith("python train_cifar10.py --model resnet20 --epochs 2 --batch-size 40 ")
+    parser = argparse.ArgumentParser()
+    config.add_run_arguments(parser, config.TrainConfig, train_cifar10.DEPTHS)
+    again, _ = config.run_config(parser.parse_args(shlex.split(command)[2:]), config.TrainConfig)
+    assert again == config.make_config(yaml.safe_load(open(straight_run / "config.yaml")))
