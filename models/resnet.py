@@ -11,7 +11,6 @@ weights Xavier-uniform and bias 0.
 """
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 
 class ConvBNLayer(nn.Sequential):
@@ -50,8 +49,9 @@ class ZeroPadShortcut(nn.Layer):
     def forward(self, x):
         if self.stride > 1:
             x = x[:, :, ::self.stride, ::self.stride]
-        if self.extra:  # zero channels after the input's (F.pad: zeros_like warns when exported)
-            x = F.pad(x, [0, 0, 0, self.extra, 0, 0, 0, 0])
+        if self.extra:  # zero channels after the input's; made from x itself, because
+            # paddle.zeros_like warns when exported and F.pad aborts Paddle Inference 3.3.1
+            x = paddle.concat([x, x[:, :self.extra] * 0], axis=1)
         return x
 
 
