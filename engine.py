@@ -315,7 +315,10 @@ def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model
         if board is not None:
             board.close()
     # report
-    log(f"training done in {format_seconds(time.time() - run_start)}")
+    done = f"training done in {format_seconds(time.time() - run_start)}"
+    if len(epoch_times) < len(run.history):  # resumed: say what the whole run took too
+        done += f" (this session; its {len(run.history)} epochs took {format_seconds(sum(h['epoch_time_s'] for h in run.history))} in all)"
+    log(done)
     if world > 1:
         log_replicas(model, world)
     try:

@@ -1,5 +1,6 @@
 """train_cifar10.py and eval.py end to end, on tiny archives the tests build."""
 import csv
+import re
 import json
 import os
 
@@ -74,7 +75,7 @@ def test_progress_lines_have_no_carriage_returns(archive, tmp_path, capfd):
 
 
 @pytest.mark.parametrize("stop_step", [0, 2])  # at the epoch boundary, and inside epoch 2
-def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_path, monkeypatch, stop_step):
+def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_path, monkeypatch, capsys, stop_step):
     original = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(original, 1, stop_step))
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +85,9 @@ def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_pat
     assert state["epoch"] == 1
     assert (state["progress"] or {"step": 0})["step"] == stop_step
     monkeypatch.setattr(engine, "train_one_epoch", original)
+    capsys.readouterr()
     train_cifar10.main(["--resume", str(tmp_path)])
+    assert re.search(r"training done in \S+ \(this session; its \d+ epochs took \S+ in all\)", capsys.readouterr().out)
     resumed, straight = weights(str(tmp_path / "last.pdckpt")), weights(str(straight_run / "last.pdckpt"))
     assert resumed.keys() == straight.keys()
     for k in straight:
