@@ -317,7 +317,7 @@ def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model
     # report
     done = f"training done in {format_seconds(time.time() - run_start)}"
     if len(epoch_times) < len(run.history):  # resumed: say what the whole run took too
-        done += f" (this session; its {len(run.history)} epochs took {format_seconds(sum(h['epoch_time_s'] for h in run.history))} in all)"
+        done += f" (this session; its {len(run.history)} epochs took {format_seconds(epochs_time(run))} in all)"
     log(done)
     if world > 1:
         log_replicas(model, world)
@@ -525,13 +525,18 @@ def log_epoch(cfg, row, left, mean_epoch_time):
         f"lr {row['lr']:.5f} | run eta {format_seconds(mean_epoch_time * left)}")
 
 
+def epochs_time(run):
+    """Seconds the run's epochs took, over every session of it."""
+    return sum(h["epoch_time_s"] for h in run.history)
+
+
 def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, evidence=None):
     """Write results.yaml: the last epoch's figures, the test accuracy of the final and of
     the best-on-validation model (reported, never used to choose) and the evidence
     behind them (Paddle version, device, seed, command)."""
     last, best, out = run.history[-1], run.best, cfg.output_dir
     result = dict(model=cfg.model, epochs=last["epoch"], iterations=last["iteration"],
-                  train_time_s=sum(h["epoch_time_s"] for h in run.history),
+                  train_time_s=epochs_time(run),
                   final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
                   final_val_acc=last["val_acc"] if last["val_acc"] != "" else None,
                   best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)

@@ -23,7 +23,7 @@ def shown_lines(text):
 
 
 def commands(line):
-    """shlex words of one shown line, comments and `...` left out; '' for none."""
+    """shlex words of one shown line, comments and `...` left out, VAR=value prefixes too."""
     words = [w for w in shlex.split(line, comments=True) if w != "..."]
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value before a command
         words.pop(0)
@@ -35,8 +35,10 @@ def script_call(words):
     if words[:1] != ["python"] or words[1:2] == ["-c"]:
         return None
     if words[1:3] == ["-m", "paddle.distributed.launch"]:
-        at = next((i for i, w in enumerate(words) if w.endswith(".py")), len(words))
-        return " ".join(words[at:at + 1]) or "(no script)", words[at + 1:]
+        scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+        if not scripts:
+            return "(no script)", []
+        return words[scripts[0]], words[scripts[0] + 1:]
     if words[1] == "-m":
         if words[2].startswith("pytest"):
             return None
@@ -58,14 +60,13 @@ class Parsed(BaseException):
     """Raised by the patched parse_args: the arguments parsed, nothing run."""
 
 
+CALLS = [c for c in every_command() if script_call(c[2])]
+
+
 def test_the_readmes_show_commands():
-    calls = [w for _, _, w in every_command() if script_call(w)]
-    scripts = {script_call(w)[0] for w in calls}
+    scripts = {script_call(w)[0] for _, _, w in CALLS}
     assert {"train_cifar10.py", "eval.py", "finetune.py", "predict.py", "export.py", "bench.py",
             "degradation.py", "check_env.py", "models.summary", "models.convert"} <= scripts
-
-
-CALLS = [c for c in every_command() if script_call(c[2])]
 
 
 @pytest.mark.parametrize("readme,line,words", CALLS,

@@ -1,8 +1,8 @@
 """train_cifar10.py and eval.py end to end, on tiny archives the tests build."""
 import csv
-import re
 import json
 import os
+import re
 
 import numpy as np
 import paddle
