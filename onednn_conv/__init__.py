@@ -266,31 +266,40 @@ def conv_forward(layer, x):
     return _loaded["op"].onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient, layer._onednn_nhwc)
 
 
-def batch_norm(layer, x, relu=False, nhwc=False):
+def batch_norm(layer, x, relu=False, nhwc=False, fork=False):
     """``layer`` (a BatchNorm2D) on ``x`` (NCHW, or NHWC with ``nhwc``), then the ReLU when
     ``relu``. In training it runs on the operator, and the running statistics are updated
     as Paddle's kernel does: momentum on the biased batch variance, in place, so names
     and checkpoints stay. Evaluation, frozen statistics (fine-tuning's last/head) and
-    anything but float32 on the CPU keep Paddle's kernel."""
+    anything but float32 on the CPU keep Paddle's kernel. ``fork``: the output twice (see
+    ``forked``), for a next block's convolution and its shortcut."""
     if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
         y = F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
                          momentum=layer._momentum, epsilon=layer._epsilon, data_format="NHWC" if nhwc else "NCHW",
                          use_global_stats=layer._use_global_stats)
-        return F.relu(y) if relu else y
+        return forked(F.relu(y) if relu else y, fork)
     if hasattr(x, "is_contiguous") and not x.is_contiguous():
         x = x.contiguous()
-    y, mean, variance = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu, nhwc)
+    y, mean, variance, y2 = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu, nhwc)
     with paddle.no_grad():
         m = layer._momentum
         paddle.assign(layer._mean * m + mean * (1 - m), output=layer._mean)
         paddle.assign(layer._variance * m + variance * (1 - m), output=layer._variance)
-    return y
+    return (y, y2) if fork else y
 
 
-def join(out, x, downsample, nhwc=False):
+def forked(y, fork):
+    """(y, y) for ``fork``, else y. The operators return their output twice, as two
+    tensors on one memory: the convolution takes one and the shortcut the other, and the
+    operator's backward adds their gradients itself (Paddle would add the gradients of one
+    tensor used twice on one thread). Paddle's kernels (the fallbacks) give one tensor."""
+    return (y, y) if fork else y
+
+
+def join(out, x, downsample, nhwc=False, fork=False):
     """relu(out + shortcut(x)) for a residual block: the shortcut is x itself, its
     projection (``downsample``, a ConvBN), or option A (ZeroPadShortcut), which the
-    operator reads straight from x."""
+    operator reads straight from x. ``fork``: the output twice, as ``batch_norm``."""
     from models.resnet import ZeroPadShortcut
     stride = 1
     if isinstance(downsample, ZeroPadShortcut):
@@ -300,24 +309,37 @@ def join(out, x, downsample, nhwc=False):
     if not (on_cpu_ours(out) and x.dtype == out.dtype):
         if isinstance(downsample, ZeroPadShortcut):
             x = downsample(x.transpose([0, 3, 1, 2])).transpose([0, 2, 3, 1]) if nhwc else downsample(x)
-        return F.relu(out + x)
-    return _loaded["op"].residual_join(out, x, stride, nhwc)
+        return forked(F.relu(out + x), fork)
+    y, y2 = _loaded["op"].residual_join(out, x, stride, nhwc)
+    return (y, y2) if fork else y
+
+
+def block_input(x):
+    """(the input for the first convolution, the input for the shortcut) of a block: the
+    pair a forked output gave, or one tensor twice."""
+    return x if isinstance(x, tuple) else (x, x)
 
 
 def residual_block_forward(block, x):
     """ResidualBlock.forward with BN+ReLU fused and the join in one operator."""
-    nhwc = block._onednn_nhwc
+    nhwc, fork = block._onednn_nhwc, block._onednn_fork
+    x, shortcut = block_input(x)
     out = batch_norm(block.bn1, block.conv1(x), relu=True, nhwc=nhwc)
-    out = batch_norm(block.bn2, block.conv2(out), relu=not block.residual, nhwc=nhwc)
-    return join(out, x, block.downsample, nhwc) if block.residual else out
+    if not block.residual:
+        return batch_norm(block.bn2, block.conv2(out), relu=True, nhwc=nhwc, fork=fork)
+    out = batch_norm(block.bn2, block.conv2(out), nhwc=nhwc)
+    return join(out, shortcut, block.downsample, nhwc, fork)
 
 
 def bottleneck_block_forward(block, x):
-    nhwc = block._onednn_nhwc
+    nhwc, fork = block._onednn_nhwc, block._onednn_fork
+    x, shortcut = block_input(x)
     out = batch_norm(block.bn1, block.conv1(x), relu=True, nhwc=nhwc)
     out = batch_norm(block.bn2, block.conv2(out), relu=True, nhwc=nhwc)
-    out = batch_norm(block.bn3, block.conv3(out), relu=not block.residual, nhwc=nhwc)
-    return join(out, x, block.downsample, nhwc) if block.residual else out
+    if not block.residual:
+        return batch_norm(block.bn3, block.conv3(out), relu=True, nhwc=nhwc, fork=fork)
+    out = batch_norm(block.bn3, block.conv3(out), nhwc=nhwc)
+    return join(out, shortcut, block.downsample, nhwc, fork)
 
 
 def conv_bn_forward(layer, x):
@@ -335,7 +357,7 @@ def resnet_forward(model, x):
         x = x.transpose([0, 2, 3, 1])
     if model._onednn_bf16 and model.training:  # bf16 from the first convolution; evaluation stays fp32
         x = x.astype("bfloat16")
-    x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc)
+    x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc, fork=model._onednn_fork)
     if model.maxpool is not None:
         x = F.max_pool2d(x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW")
     for stage in model.stages:
@@ -367,6 +389,7 @@ def use_in(model, ops=("conv", "norm", "join"), layout="nhwc", dtype="float32"):
     for layer in model.sublayers(include_self=True):
         layer._onednn_nhwc = nhwc
         layer._onednn_bf16 = dtype == "bfloat16"
+        layer._onednn_fork = False
         how = covered(layer)
         if "conv" in ops and how is not None:
             layer._onednn_conv = how
@@ -383,4 +406,9 @@ def use_in(model, ops=("conv", "norm", "join"), layout="nhwc", dtype="float32"):
         elif fused and type(layer) is ResNet:
             layer.forward = types.MethodType(resnet_forward, layer)
             counts["norm"] += 1
+    if nhwc:  # each output that a residual block takes in is forked (see forked())
+        blocks = [block for stage in model.stages for block in stage]
+        model._onednn_fork = model.maxpool is None and blocks[0].residual
+        for block, after in zip(blocks, blocks[1:]):
+            block._onednn_fork = after.residual
     return counts

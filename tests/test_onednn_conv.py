@@ -200,6 +200,46 @@ def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride, l
 
 
 @needs_op
+@pytest.mark.parametrize("op", ["norm", "join"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_forked_output_adds_both_consumers_gradients(op, dtype):
+    """A forked output (two tensors on one memory, for a block's convolution and its
+    shortcut): the operator's backward adds the two gradients as Paddle adds those of one
+    tensor used twice, in fp32 to the bit; and with only the first used, the second counts
+    as zero. In bf16 the sum is not rounded before it is used: within one rounding."""
+    if dtype == "bfloat16" and BF16_UNITS is None:
+        pytest.skip("this CPU has no bf16 units")
+    rng = np.random.default_rng(5)
+    shape = (4, 8, 8, 16)
+    x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) + 0.3).astype(dtype)
+    other = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+    x.stop_gradient = other.stop_gradient = False
+    g1, g2 = (paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32)).astype(dtype) for _ in range(2))
+    layers = [paddle.nn.BatchNorm2D(16) for _ in range(3)]
+
+    def outputs(layer, fork):
+        if op == "norm":
+            return onednn_conv.batch_norm(layer, x, relu=True, nhwc=True, fork=fork), [x, layer.weight, layer.bias]
+        return onednn_conv.join(other, x, None, nhwc=True, fork=fork), [other, x]
+    (y1, y2), inputs = outputs(layers[0], True)
+    assert y1.shape == y2.shape == list(shape) and np.array_equal(y1.astype("float32").numpy(), y2.astype("float32").numpy())
+    got = paddle.grad([y1, y2], inputs, [g1, g2])
+    y, inputs = outputs(layers[1], False)
+    want = paddle.grad([y], inputs, [(g1.astype("float32") + g2.astype("float32")).astype(dtype)])
+    for a, b in zip(got, want):
+        a, b = a.astype("float32").numpy(), b.astype("float32").numpy()
+        if dtype == "float32":
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert relative(a, b) <= 1e-2
+    (y1, _), inputs = outputs(layers[2], True)
+    alone = paddle.grad([y1], inputs, [g1])
+    y, inputs = outputs(layers[1], False)
+    for a, b in zip(alone, paddle.grad([y], inputs, [g1])):
+        np.testing.assert_array_equal(a.astype("float32").numpy(), b.astype("float32").numpy())
+
+
+@needs_op
 def test_frozen_batch_norm_keeps_paddles_kernel_and_its_statistics():
     layer = paddle.nn.BatchNorm2D(4)
     layer._use_global_stats = True  # finetune.py's last/head strategies
