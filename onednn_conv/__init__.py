@@ -347,6 +347,13 @@ def conv_bn_forward(layer, x):
     return batch_norm(layer[1], layer[0](x), relu=len(layer) > 2, nhwc=layer._onednn_nhwc)
 
 
+def mean_pool(x):
+    """The pooled features [N, C], float32, of NHWC activations (float32 or bfloat16)."""
+    if on_cpu_ours(x):
+        return _loaded["op"].mean_pool(x)
+    return x.astype("float32").mean(axis=[1, 2])
+
+
 def resnet_forward(model, x):
     """ResNet.forward on the operators. With model._onednn_nhwc the image batch is turned
     to NHWC once here, every layer keeps that layout, and the pooled features [N, C] come
@@ -363,7 +370,7 @@ def resnet_forward(model, x):
     for stage in model.stages:
         x = stage(x)
     if model.with_pool:  # the pooled features in fp32, for the classifier and the loss
-        x = x.astype("float32").mean(axis=[1, 2]) if nhwc else paddle.flatten(model.avgpool(x), 1)
+        x = mean_pool(x) if nhwc else paddle.flatten(model.avgpool(x), 1)
     return model.fc(x) if model.num_classes > 0 else x
 
 

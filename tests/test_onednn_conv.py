@@ -240,6 +240,25 @@ def test_a_forked_output_adds_both_consumers_gradients(op, dtype):
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(4, 8, 8, 64), (4, 4, 4, 512)])  # ResNet-20's and ResNet-18's last maps, NHWC
+def test_mean_pool_is_the_fp32_mean_and_its_gradient(shape, dtype):
+    """The pooled features [N, C] in float32 (for the classifier and the loss) and the
+    gradient g / (h * w) back in the activations' type: against Paddle's cast and mean."""
+    rng = np.random.default_rng(sum(shape))
+    x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) + 0.5).astype(dtype)
+    x.stop_gradient = False
+    grad = paddle.to_tensor(rng.standard_normal(shape[::3], dtype=np.float32))
+    y = onednn_conv.mean_pool(x)
+    ref = x.astype("float32").mean(axis=[1, 2])
+    assert y.dtype == paddle.float32 and y.shape == [shape[0], shape[3]]
+    np.testing.assert_allclose(y.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+    got, want = paddle.grad([y], [x], [grad])[0], paddle.grad([ref], [x], [grad])[0]
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(got.astype("float32").numpy(), want.astype("float32").numpy())
+
+
+@needs_op
 def test_frozen_batch_norm_keeps_paddles_kernel_and_its_statistics():
     layer = paddle.nn.BatchNorm2D(4)
     layer._use_global_stats = True  # finetune.py's last/head strategies
