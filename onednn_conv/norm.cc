@@ -219,46 +219,74 @@ std::vector<double> channel_sums(int64_t rows, int64_t c, int terms, AddRow add_
 
 }  // namespace
 
+// NHWC rows are c values long: 16 in ResNet's first stage, too short for a vector loop to
+// pay its set-up per row. The kernels walk "wide rows" of `rep` rows (width = rep * c, up to
+// 512 values) instead, with the per-channel numbers repeated rep times; sums come out per
+// wide-row position and fold back to c channels.
+struct Wide {
+  int64_t rep, width, rows;  // rows: the wide rows
+  Wide(int64_t rows_c, int64_t c) : rep(1) {
+    while (rep * c < 512 && rows_c % (rep * 2) == 0) rep *= 2;
+    width = rep * c;
+    rows = rows_c / rep;
+  }
+  std::vector<float> repeat(const float *per_channel, int64_t c) const {
+    std::vector<float> out(width, 0.f);
+    for (int64_t k = 0; k < width; ++k) out[k] = per_channel[k % c];
+    return out;
+  }
+  std::vector<double> fold(const std::vector<double> &sums, int64_t c, int terms) const {
+    std::vector<double> out(size_t(terms) * c, 0.0);
+    for (int t = 0; t < terms; ++t)
+      for (int64_t k = 0; k < width; ++k) out[t * c + k % c] += sums[t * width + k];
+    return out;
+  }
+};
+
 template <typename T>
 std::vector<paddle::Tensor> NormForwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
                                             const paddle::Tensor &shift, float epsilon, bool relu) {
   auto s = x.shape();
   const int64_t c = s[3], rows = s[0] * s[1] * s[2];
+  const Wide wide(rows, c);
+  const int64_t w = wide.width;
   paddle::Tensor y = paddle::empty(s, x.dtype(), paddle::CPUPlace()), mean = floats_like({c}),
                  variance = floats_like({c});
   const T *px = data_of<T>(x);
   T *py = data_of<T>(y);
   const float *pw = scale.data<float>(), *pb = shift.data<float>();
   float *pm = mean.data<float>(), *pv = variance.data<float>();
-  std::vector<double> sum = channel_sums(rows, c, 1, [&](int64_t r, float *acc) {
-    const T *v = px + r * c;
+  std::vector<double> sum = wide.fold(channel_sums(wide.rows, w, 1, [&](int64_t r, float *acc) {
+    const T *v = px + r * w;
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) acc[k] += load(v, k);
-  });
-  std::vector<float> m(c), a(c), b(c);
-  for (int64_t k = 0; k < c; ++k) m[k] = float(sum[k] / double(rows));
-  std::vector<double> squares = channel_sums(rows, c, 1, [&](int64_t r, float *acc) {
-    const T *v = px + r * c;
+    for (int64_t k = 0; k < w; ++k) acc[k] += load(v, k);
+  }), c, 1);
+  for (int64_t k = 0; k < c; ++k) pm[k] = float(sum[k] / double(rows));
+  const std::vector<float> wide_m = wide.repeat(pm, c);
+  const float *m = wide_m.data();
+  std::vector<double> squares = wide.fold(channel_sums(wide.rows, w, 1, [&](int64_t r, float *acc) {
+    const T *v = px + r * w;
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) acc[k] += (load(v, k) - m[k]) * (load(v, k) - m[k]);
-  });
+    for (int64_t k = 0; k < w; ++k) acc[k] += (load(v, k) - m[k]) * (load(v, k) - m[k]);
+  }), c, 1);
+  std::vector<float> a_c(c), b_c(c);
   for (int64_t k = 0; k < c; ++k) {
-    const float var = float(squares[k] / double(rows));
-    a[k] = pw[k] / std::sqrt(var + epsilon);
-    b[k] = pb[k] - m[k] * a[k];
-    pm[k] = m[k];
-    pv[k] = var;
+    pv[k] = float(squares[k] / double(rows));
+    a_c[k] = pw[k] / std::sqrt(pv[k] + epsilon);
+    b_c[k] = pb[k] - pm[k] * a_c[k];
   }
+  const std::vector<float> wide_a = wide.repeat(a_c.data(), c), wide_b = wide.repeat(b_c.data(), c);
+  const float *a = wide_a.data(), *b = wide_b.data();
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T *v = px + r * c;
-    T *out = py + r * c;
+  for (int64_t r = 0; r < wide.rows; ++r) {
+    const T *v = px + r * w;
+    T *out = py + r * w;
     if (relu) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) store(out, k, std::max(load(v, k) * a[k] + b[k], 0.f));
+      for (int64_t k = 0; k < w; ++k) store(out, k, std::max(load(v, k) * a[k] + b[k], 0.f));
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) store(out, k, load(v, k) * a[k] + b[k]);
+      for (int64_t k = 0; k < w; ++k) store(out, k, load(v, k) * a[k] + b[k]);
     }
   }
   return {y, mean, variance};
@@ -272,40 +300,47 @@ std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const padd
   using T = typename G::type;
   auto s = x.shape();
   const int64_t c = s[3], rows = s[0] * s[1] * s[2];
+  const Wide wide(rows, c);
+  const int64_t w = wide.width;
   paddle::Tensor grad_x = paddle::empty(s, x.dtype(), paddle::CPUPlace()), grad_scale = floats_like({c}),
                  grad_shift = floats_like({c});
   const T *px = data_of<T>(x), *py = data_of<T>(y);
-  const float *pw = scale.data<float>(), *pm = mean.data<float>(), *pv = variance.data<float>();
+  const float *pw = scale.data<float>(), *pv = variance.data<float>();
   T *gx = data_of<T>(grad_x);
   float *gw = grad_scale.data<float>(), *gb = grad_shift.data<float>();
-  std::vector<double> sums = channel_sums(rows, c, 2, [&](int64_t r, float *acc) {
-    const T *v = px + r * c, *out = py + r * c;
-    const auto g = grad_y.row(r * c);
+  const std::vector<float> wide_m = wide.repeat(mean.data<float>(), c);
+  const float *m = wide_m.data();
+  std::vector<double> sums = wide.fold(channel_sums(wide.rows, w, 2, [&](int64_t r, float *acc) {
+    const T *v = px + r * w, *out = py + r * w;
+    const auto g = grad_y.row(r * w);
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) {
+    for (int64_t k = 0; k < w; ++k) {
       const float gk = (!relu || load(out, k) > 0.f) ? g[k] : 0.f;
       acc[k] += gk;
-      acc[c + k] += gk * (load(v, k) - pm[k]);
+      acc[w + k] += gk * (load(v, k) - m[k]);
     }
-  });
-  std::vector<float> a(c), mean_g(c), k_x(c);
+  }), c, 2);
+  std::vector<float> a_c(c), mean_g_c(c), k_x_c(c);
   for (int64_t k = 0; k < c; ++k) {
     const float inv_std = 1.f / std::sqrt(pv[k] + epsilon);
     gb[k] = float(sums[k]);
     gw[k] = float(sums[c + k] * inv_std);
-    a[k] = pw[k] * inv_std;
-    mean_g[k] = float(sums[k] / double(rows));
-    k_x[k] = float(sums[c + k] / double(rows)) * inv_std * inv_std;
+    a_c[k] = pw[k] * inv_std;
+    mean_g_c[k] = float(sums[k] / double(rows));
+    k_x_c[k] = float(sums[c + k] / double(rows)) * inv_std * inv_std;
   }
+  const std::vector<float> wide_a = wide.repeat(a_c.data(), c), wide_mean_g = wide.repeat(mean_g_c.data(), c),
+                           wide_k_x = wide.repeat(k_x_c.data(), c);
+  const float *a = wide_a.data(), *mean_g = wide_mean_g.data(), *k_x = wide_k_x.data();
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T *v = px + r * c, *out = py + r * c;
-    const auto g = grad_y.row(r * c);
-    T *dx = gx + r * c;
+  for (int64_t r = 0; r < wide.rows; ++r) {
+    const T *v = px + r * w, *out = py + r * w;
+    const auto g = grad_y.row(r * w);
+    T *dx = gx + r * w;
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) {
+    for (int64_t k = 0; k < w; ++k) {
       const float gk = (!relu || load(out, k) > 0.f) ? g[k] : 0.f;
-      store(dx, k, a[k] * (gk - mean_g[k] - (load(v, k) - pm[k]) * k_x[k]));
+      store(dx, k, a[k] * (gk - mean_g[k] - (load(v, k) - m[k]) * k_x[k]));
     }
   }
   return {grad_x, grad_scale, grad_shift};
