@@ -25,15 +25,21 @@ THREADS = int(os.environ.get("OMP_NUM_THREADS") or (len(os.sched_getaffinity(0))
                                                     else os.cpu_count() or 1))
 if "paddle" not in sys.modules:
     os.environ["OMP_NUM_THREADS"] = "1"
-# - Idle OpenMP threads sleep instead of spinning: this process runs two OpenMP runtimes
-#   (Paddle's MKL on libiomp5; oneDNN and onednn_conv/ on libgomp), each with a worker
-#   that spins after every parallel region, and on 2 cores the spinning worker of one
-#   takes the core the other needs (ResNet-20 training on onednn_conv/: 370 -> 620 img/s).
-# RESNET_CPU_TUNING=off leaves it, and the memory setting below, as they are (bench.py's
+# - One OpenMP thread team, and its idle workers spin 20 ms before they sleep. Inside
+#   Paddle, oneDNN's parallel regions bind to Paddle's libiomp5 (not the libgomp it names),
+#   and onednn_conv/ links the same runtime (onednn_conv.openmp_link_flags): one worker
+#   beside the main thread. Sleeping at once (blocktime 0), every parallel region waits
+#   for a worker to wake (~40 us on these VMs, some 250 regions a step); spinning for 20 ms
+#   bridges the gaps between regions (ResNet-20 training, AMD EPYC, 2 cores: bf16 717 ->
+#   985 img/s; a fp32 step 198 -> 178 ms). OMP_WAIT_POLICY=PASSIVE stays for libgomp, which no
+#   longer runs a team here: when our loops ran on it, its spinning worker took the core
+#   oneDNN's needed (370 -> 620 img/s with PASSIVE, before the one team).
+# RESNET_CPU_TUNING=off leaves these, and the memory setting below, as they are (bench.py's
 # PyTorch rows run so, as PyTorch does out of the box).
 TUNED = os.environ.get("RESNET_CPU_TUNING", "on") != "off"
 if TUNED:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("KMP_BLOCKTIME", "20")
 # - Paddle's bundled MKL takes a slow generic path on AMD processors; type 5 selects its
 #   AVX2 kernels (ResNet-18/CIFAR training 7.1 -> 9.8 img/s here; Paddle issue #75760).
 if _cpu_vendor() == "AuthenticAMD":
@@ -82,8 +88,8 @@ from .weights import load_weights  # noqa: E402
 
 
 def _use_threads(n):
-    """Give both OpenMP runtimes of this process (libgomp: oneDNN and onednn_conv/; Paddle's
-    libiomp5: MKL) ``n`` threads, and the environment too, for the processes started later."""
+    """Give both OpenMP runtimes of this process (Paddle's libiomp5: MKL, oneDNN and
+    onednn_conv/; libgomp, loaded but idle unless Paddle ships no libiomp5) ``n`` threads, and the environment too, for the processes started later."""
     import ctypes
     import paddle
     libs = os.path.join(os.path.dirname(paddle.__file__), "libs")

@@ -117,6 +117,16 @@ def cache_root():
     return os.environ.get("ONEDNN_CONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle")
 
 
+def openmp_link_flags():
+    """The OpenMP runtime for norm.cc's loops: the one Paddle's oneDNN runs on. Paddle's
+    libdnnl.so.3 asks for libgomp.so.1, but inside Paddle its GOMP_* calls bind to the
+    libiomp5.so Paddle ships (which implements that interface too), loaded first. Linked to
+    libgomp, our loops ran on a second thread team: two workers on two cores, each parallel
+    region waking a sleeping one (~40 us here), and a spinning one taking the core the
+    other needed. Linked to libiomp5 first, they bind there too: one team for both."""
+    return ["-l:libiomp5.so"] if os.path.exists(os.path.join(PADDLE_LIBS, "libiomp5.so")) else ["-fopenmp"]
+
+
 def build_dir(include_dir):
     """One cache folder per (Paddle version, source, headers): a change to any rebuilds."""
     digest = hashlib.sha1()
@@ -125,6 +135,7 @@ def build_dir(include_dir):
         digest.update(open(source, "rb").read())
     digest.update(" ".join(devices.cpu_flags()).encode())  # built with -march=native: one build per kind of CPU
     digest.update(include_dir.encode())
+    digest.update(" ".join(openmp_link_flags()).encode())
     return os.path.join(cache_root(), f"onednn_conv-{digest.hexdigest()[:12]}")
 
 
@@ -185,10 +196,10 @@ def compile_op():
             try:
                 return cpp_extension.load(
                     name="onednn_conv_op", sources=SOURCES, extra_include_paths=[include_dir],
-                    # OpenMP: norm.cc's loops share oneDNN's thread pool (the same libgomp.so.1);
                     # -march=native: its loops vectorise for this CPU (AVX-512 where there is one)
                     extra_cxx_cflags=["-O3", "-march=native", "-fopenmp"], build_directory=shell_safe(out),
-                    extra_ldflags=[f"-L{PADDLE_LIBS}", "-l:libdnnl.so.3", f"-Wl,-rpath,{PADDLE_LIBS}", "-fopenmp"])
+                    extra_ldflags=[f"-L{PADDLE_LIBS}", *openmp_link_flags(), "-l:libdnnl.so.3",
+                                   f"-Wl,-rpath,{PADDLE_LIBS}"])
             except Exception:  # a compiler error (the details are in build.log), or a broken cached build
                 cached = os.path.join(out, "onednn_conv_op")
                 if attempt or not os.path.isdir(cached):

@@ -6,6 +6,7 @@ still run. CI runs one suite each way and says which to expect (.ci/run):
 ONEDNN_CONV_EXPECTED=built (the headers installed: a failed build fails) or =absent (no
 headers: the suite runs as a user's who skipped them, on Paddle's kernel).
 """
+import ctypes
 import os
 
 import numpy as np
@@ -31,6 +32,18 @@ def test_the_operator_is_what_this_environment_expects():
         assert OP is None and "no oneDNN headers" in WHY_NOT, WHY_NOT
     else:
         pytest.skip("ONEDNN_CONV_EXPECTED is not set (CI sets it)")
+
+
+@needs_op
+def test_our_loops_share_the_openmp_runtime_paddles_onednn_runs_on():
+    """Inside Paddle, oneDNN's GOMP_* calls bind to Paddle's libiomp5: the operator must
+    bind there too (one thread team), not to a libgomp of its own."""
+    iomp = os.path.join(onednn_conv.PADDLE_LIBS, "libiomp5.so")
+    if not os.path.exists(iomp):
+        pytest.skip("this Paddle ships no libiomp5: oneDNN and the operator both run on libgomp")
+    so = os.path.join(os.path.dirname(OP.__file__), "onednn_conv_op.so")
+    address = lambda lib: ctypes.cast(ctypes.CDLL(lib).GOMP_parallel, ctypes.c_void_p).value
+    assert address(so) == address(iomp)
 
 
 def conv_shapes(model, size):
