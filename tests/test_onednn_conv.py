@@ -147,6 +147,17 @@ def relative(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
+def pre_activation(x, layer):
+    """BatchNorm's output before the ReLU, in float64. Where it is within rounding of zero
+    either side of the kink is right, and ours (x * a + b) and Paddle's ((x - mean) * a +
+    shift) round differently there: one element of ResNet-18's [2, 2048, 7, 7] did, on one
+    thread. The tests give such elements no gradient: they compare arithmetic, not that."""
+    axes = (0, 2, 3)
+    mean, variance = x.mean(axes, dtype=np.float64, keepdims=True), x.var(axes, dtype=np.float64, keepdims=True)
+    weight, bias = (p.numpy().astype(np.float64).reshape(1, -1, 1, 1) for p in (layer.weight, layer.bias))
+    return (x - mean) / np.sqrt(variance + layer._epsilon) * weight + bias
+
+
 def nhwc(t):
     return paddle.to_tensor(t.numpy().transpose(0, 2, 3, 1), stop_gradient=t.stop_gradient)
 
@@ -169,7 +180,10 @@ def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu,
         layer.weight.set_value(np.linspace(0.5, 1.5, shape[1]).astype(np.float32))
         layer.bias.set_value(np.linspace(-0.2, 0.3, shape[1]).astype(np.float32))
     x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2 + 0.5, stop_gradient=False)
-    grad = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+    grad = rng.standard_normal(shape, dtype=np.float32)
+    if relu:  # no gradient arrives at the ReLU's kink (see pre_activation)
+        grad[np.abs(pre_activation(x.numpy(), ours)) < 1e-4] = 0
+    grad = paddle.to_tensor(grad)
     ref = theirs(x)
     ref = F.relu(ref) if relu else ref
     want = [t.numpy() for t in [ref, *paddle.grad([ref], [x, theirs.weight, theirs.bias], [grad])]]
