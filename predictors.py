@@ -150,6 +150,7 @@ class InferenceModelPredictor:
             raise UserError(f"--inference-model {model_dir}: no model.pdiparams in it (the weights); "
                             f"export the model again with export.py --output {model_dir}")
         use_gpu = devices.check_device(device) == "gpu"  # --device gpu without a usable GPU is refused
+        self.threads = threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
         check_gpu_inference(model_file, use_gpu, precision, tensorrt)
         config = inference.Config(model_file, params)
         config.disable_glog_info()
@@ -168,7 +169,7 @@ class InferenceModelPredictor:
                 config.enable_onednn()
             else:
                 config.enable_mkldnn()
-            config.set_cpu_math_library_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+            config.set_cpu_math_library_num_threads(self.threads)
         try:
             self.predictor = inference.create_predictor(config)
         except Exception as e:  # e.g. TensorRT asked for but libnvinfer not installed
@@ -185,4 +186,8 @@ class InferenceModelPredictor:
         self.input.reshape(list(batch.shape))
         self.input.copy_from_cpu(batch)
         self.predictor.run()
+        # paddle.inference leaves this thread's MKL and OpenMP at one thread after a run
+        # (analysis_predictor.cc, Run: SetNumThreads(1)): training later in this process (a
+        # notebook; the tests) would run on one core
+        paddle.base.core.set_num_threads(self.threads)
         return self.output.copy_to_cpu()

@@ -89,7 +89,8 @@ from .weights import load_weights  # noqa: E402
 
 def _use_threads(n):
     """Give both OpenMP runtimes of this process (Paddle's libiomp5: MKL, oneDNN and
-    onednn_conv/; libgomp, loaded but idle unless Paddle ships no libiomp5) ``n`` threads, and the environment too, for the processes started later."""
+    onednn_conv/; libgomp, loaded but idle unless Paddle ships no libiomp5) ``n`` threads,
+    and the environment too, for the processes started later."""
     import ctypes
     import paddle
     libs = os.path.join(os.path.dirname(paddle.__file__), "libs")

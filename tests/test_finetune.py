@@ -186,6 +186,21 @@ def test_export_and_inference_model_agree_with_checkpoint(run_full, folder, tmp_
     assert capsys.readouterr().out.startswith(files[0] + ": ")
 
 
+def test_inference_leaves_the_process_its_threads(run_full, folder, tmp_path):
+    """paddle.inference sets the calling thread to one OpenMP thread after every run; the
+    predictor gives the count back, or training after it in a notebook runs on one core."""
+    import ctypes
+    import predictors
+    iomp = os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")
+    if not os.path.isfile(iomp):
+        pytest.skip("this Paddle build ships no libiomp5")
+    out = tmp_path / "exported"
+    export_script.main(["--ckpt", str(run_full), "--output", str(out)])
+    infer = predictors.InferenceModelPredictor(str(out), "cpu", threads=3)
+    assert len(list(predict.predict_files(infer, predictors.list_images(folder)[:2], topk=1, batch_size=2))) == 2
+    assert ctypes.CDLL(iomp).omp_get_max_threads() == 3
+
+
 def test_pth_file_converts_through_the_cli(tmp_path):
     """A real torch.save'd .pth (needs torch; skipped where it is not installed)."""
     torch = pytest.importorskip("torch")
