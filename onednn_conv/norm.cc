@@ -2,8 +2,9 @@
 // operators beside the convolution (conv.cc). Paddle's own CPU kernels for these run on
 // one thread (relu_grad alone took 2.4 ms a call on ResNet-20's largest tensor), the
 // option-A shortcut's strided-slice gradient 9 ms a call, and add's backward copies its
-// gradient twice. Plain loops over NCHW planes, shared out over OpenMP threads (the
-// libgomp oneDNN runs on), one pass per read of a tensor.
+// gradient twice. Plain loops over NCHW planes or NHWC rows, shared out over the OpenMP
+// threads oneDNN runs on inside Paddle (its libiomp5: onednn_conv.openmp_link_flags), one
+// pass per read of a tensor.
 //
 // batch_norm_relu: BatchNorm in training with the ReLU after it fused (relu=false: BN
 //   alone). It returns the batch mean and biased variance; the Python side (__init__.py)
