@@ -42,6 +42,8 @@ def report(facts):
             f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] and facts.get("cpu_conv_ok") else
             "no: it runs on onednn_conv/, which is not available here" if facts["cpu_bf16"] else
             "no: this CPU has neither amx_bf16 nor avx512_bf16"))
+        lines.append("CPU bf16 inference (eval.py --inference --precision bf16): " + (
+            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] else "no: this CPU has neither amx_bf16 nor avx512_bf16"))
     return lines
 
 

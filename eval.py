@@ -2,6 +2,7 @@
 
     python eval.py --ckpt runs/cifar10/best.pdckpt --data-file ../data/cifar-10-python.tar.gz
     python eval.py --ckpt runs/cifar10 --split val --json
+    python eval.py --ckpt runs/cifar10 --inference --precision bf16   # a CPU with bf16 units
     python eval.py --ckpt runs/finetune          # an image-folder run: its val split
 
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
@@ -63,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--inference", action="store_true",
                         help="the fast path: export the model and run it through paddle.inference "
                              "(oneDNN and conv+BN fusion on the CPU)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="--inference on a GPU")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="--inference: fp16 on a GPU, bf16 on a CPU with avx512_bf16 or amx_bf16")
     parser.add_argument("--tensorrt", action="store_true", help="--inference on a GPU: through TensorRT")
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
@@ -71,6 +73,9 @@ def main(argv=None):
         if args.batch_size < 1 or args.num_workers < 0:
             raise config.UserError(f"--batch-size must be at least 1 and --num-workers at least 0, "
                                    f"got {args.batch_size} and {args.num_workers}")
+        if (args.precision != "fp32" or args.tensorrt) and not args.inference:
+            raise config.UserError("--precision and --tensorrt choose how paddle.inference runs the model: "
+                                   "add --inference")
         path = checkpoint.resolve(args.ckpt)
         state = checkpoint.load(path)
         predictor = predictors.CheckpointPredictor(path, args.device, state=state)
@@ -82,7 +87,7 @@ def main(argv=None):
             # the export may go once the predictor is made: create_predictor reads the model
             # and its weights into memory
             with tempfile.TemporaryDirectory() as tmp:
-                predictors.export(predictor, tmp)
+                predictors.export(predictor, tmp, program=args.precision == predictors.BF16_PRECISION)
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
                                                                tensorrt=args.tensorrt)
             # the predictor takes and returns host arrays: keep the loader's batches on the

@@ -248,6 +248,8 @@ def test_check_env_on_this_machine_and_with_injected_gpus(capsys):
     got = check_env.main([])
     out = capsys.readouterr().out
     assert f"Paddle {paddle.__version__}" in out and "CPU threads" in out
+    units = devices.cpu_bf16_units(devices.cpu_flags())
+    assert ("CPU bf16 inference (eval.py --inference --precision bf16): " + (f"yes, on {units}" if units else "no: ")) in out
     if not got["cuda_build"]:
         assert out.strip().endswith("no GPU: training runs on the CPU")
         with pytest.raises(SystemExit) as e:
@@ -268,6 +270,13 @@ def test_gpu_inference_options():
         predictors.check_gpu_inference("m/model.json", True, "fp16", True, "3.3.1")
     predictors.check_gpu_inference("m/model.pdmodel", True, "fp16", True)
     predictors.check_gpu_inference("m/model.json", True, "fp16", False)
+    with pytest.raises(config.UserError, match="bf16 is oneDNN's bf16 on the CPU; on a GPU use --precision fp16"):
+        predictors.check_gpu_inference("m/model.pdmodel", True, "bf16", False)
+    with pytest.raises(config.UserError, match="needs a CPU with bf16 units"):
+        predictors.check_cpu_bf16("m/model.pdmodel", ["avx512f"])
+    predictors.check_cpu_bf16("m/model.pdmodel", ["avx512_bf16"])
+    with pytest.raises(config.UserError, match="runs a model.pdmodel export"):
+        predictors.check_cpu_bf16("m/model.json", ["amx_bf16"])
 
 
 # ------------------------------------------------------------- audit #19: load on the CPU

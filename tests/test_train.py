@@ -11,6 +11,7 @@ import yaml
 
 import checkpoint
 import config
+import device as devices
 import engine
 import eval as eval_script
 import train_cifar10
@@ -216,6 +217,47 @@ def test_eval_fast_path_gives_the_same_predictions(straight_run):
     assert fast["path"] == "paddle.inference" and slow["path"] == "dygraph"
     assert fast["confusion"] == slow["confusion"]  # identical top-1 for every image
     assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-4)
+
+
+needs_bf16_units = pytest.mark.skipif(devices.cpu_bf16_units(devices.cpu_flags()) is None,
+                                      reason="this CPU has no bf16 units (avx512_bf16, amx_bf16)")
+
+
+@needs_bf16_units
+def test_bf16_inference_is_fp32s_logits_within_bf16_rounding(straight_run, tmp_path):
+    """oneDNN's bf16 on the program format: activations in bf16 (the logits differ from fp32's,
+    within bf16's rounding), the classifier's logits left in fp32 (not bf16 values)."""
+    import predictors
+    ckpt = checkpoint.resolve(str(straight_run))
+    predictors.export(predictors.CheckpointPredictor(ckpt, "cpu"), str(tmp_path), program=True)
+    assert os.path.isfile(tmp_path / "model.pdmodel")
+    x = np.random.RandomState(0).randn(32, 3, 32, 32).astype("float32")
+    fp32 = predictors.InferenceModelPredictor(str(tmp_path), "cpu")(x)
+    bf16 = predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="bf16")(x)
+    error = np.abs(bf16 - fp32).max() / np.abs(fp32).max()
+    assert 0 < error < 3e-2, error
+    assert bf16.dtype == np.float32 and (bf16.view(np.uint32) & 0xFFFF).any()
+    fast = eval_script.main(["--ckpt", str(straight_run), "--num-workers", "0", "--json", "--inference",
+                             "--precision", "bf16"])
+    slow = eval_script.main(["--ckpt", str(straight_run), "--num-workers", "0", "--json"])
+    assert fast["path"] == "paddle.inference" and fast["n"] == slow["n"]
+    assert fast["loss"] == pytest.approx(slow["loss"], rel=3e-2)
+
+
+def test_bf16_inference_is_refused_where_it_cannot_run(straight_run, tmp_path, capsys, monkeypatch):
+    import device as devices_module
+    import predictors
+    args = ["--ckpt", str(straight_run), "--num-workers", "0", "--precision", "bf16"]
+    assert "add --inference" in run_error(eval_script.main, args, capsys)
+    monkeypatch.setattr(devices_module, "cpu_flags", lambda: ["avx512f"])
+    message = run_error(eval_script.main, args + ["--inference"], capsys)
+    assert "needs a CPU with bf16 units" in message and "avx512_bf16" in message
+    if paddle.__version__.startswith("2."):
+        return  # 2.x writes only the program format
+    monkeypatch.setattr(devices_module, "cpu_flags", lambda: ["avx512_bf16"])
+    predictors.export(predictors.CheckpointPredictor(checkpoint.resolve(str(straight_run)), "cpu"), str(tmp_path))
+    with pytest.raises(config.UserError, match="runs a model.pdmodel export"):
+        predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="bf16")
 
 
 def test_seed_000_recipe_is_the_seeds_code(archive):
