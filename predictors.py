@@ -125,11 +125,10 @@ class OnnxPredictor:
 TENSORRT_MAX_BATCH = 256  # TensorRT's static-shape engine refuses larger batches
 
 
-# bf16 inference on the CPU: oneDNN's bf16 passes on a model.pdmodel (the program format).
-# Measured on the 12-epoch ResNet-20 (docs/speed.md), chosen on the validation split: on
-# model.pdmodel the classifier's logits stay fp32 (10 of 5,000 predictions changed), on
-# model.json every op runs bf16, the logits too (20 changed, +0.12 points). Then on the
-# test set: 84.79% against fp32's 84.74%, within the 0.1 points asked of it.
+# bf16 inference on the CPU: oneDNN's bf16 passes on a model.pdmodel (the program format),
+# which leave the classifier's logits fp32; on a model.json every op runs bf16, the logits
+# too, and 1.6-2x as many predictions change. Chosen on a validation split, then the
+# test sets of two 12-epoch ResNet-20 runs: within 0.1 points of fp32 (docs/speed.md).
 BF16_PRECISION = "bf16"
 
 
