@@ -87,7 +87,7 @@ def main(argv=None):
             # the export may go once the predictor is made: create_predictor reads the model
             # and its weights into memory
             with tempfile.TemporaryDirectory() as tmp:
-                predictors.export(predictor, tmp, program=args.precision == predictors.BF16_PRECISION)
+                predictors.export(predictor, tmp, program=args.precision == "bf16")
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
                                                                tensorrt=args.tensorrt)
             # the predictor takes and returns host arrays: keep the loader's batches on the

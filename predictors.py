@@ -44,7 +44,7 @@ def export(predictor, output_dir, program=False):
     meta.json (class names, preprocessing, the checkpoint's path from the export: no
     user's home directory in a file that is shipped). Returns the path prefix of the saved model.
     program: a model.pdmodel (Paddle's program format, 2.x's export) on 3.x too, in place of
-    model.json: what bf16 inference runs on (BF16_PRECISION)."""
+    model.json: what bf16 inference runs on (check_cpu_bf16)."""
     os.makedirs(output_dir, exist_ok=True)
     size = predictor.preprocess["crop"]
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
@@ -129,9 +129,6 @@ TENSORRT_MAX_BATCH = 256  # TensorRT's static-shape engine refuses larger batche
 # which leave the classifier's logits fp32; on a model.json every op runs bf16, the logits
 # too, and 1.6-2x as many predictions change. Chosen on a validation split, then the
 # test sets of two 12-epoch ResNet-20 runs: within 0.1 points of fp32 (docs/speed.md).
-BF16_PRECISION = "bf16"
-
-
 def check_cpu_bf16(model_file, flags):
     """UserError where bf16 inference cannot run: a CPU without bf16 units, or a model.json."""
     if devices.cpu_bf16_units(flags) is None:
@@ -144,7 +141,7 @@ def check_cpu_bf16(model_file, flags):
 
 def check_gpu_inference(model_file, use_gpu, precision, tensorrt, paddle_version=paddle.__version__):
     """UserError for a GPU inference option that cannot work (GPU audit #8)."""
-    if use_gpu and precision == BF16_PRECISION:
+    if use_gpu and precision == "bf16":
         raise UserError("--precision bf16 is oneDNN's bf16 on the CPU; on a GPU use --precision fp16")
     if not use_gpu and (precision == "fp16" or tensorrt):
         raise UserError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
@@ -157,8 +154,8 @@ def check_gpu_inference(model_file, use_gpu, precision, tensorrt, paddle_version
 
 class InferenceModelPredictor:
     """An exported model run by paddle.inference: on the CPU with oneDNN and the graph
-    passes that fuse conv + BN (+ ReLU), optionally in bf16 (a model.pdmodel); on the GPU when Paddle has one, optionally in
-    fp16 and through TensorRT (where Paddle was built with it)."""
+    passes that fuse conv + BN (+ ReLU), optionally in bf16 (a model.pdmodel); on the GPU
+    when Paddle has one, optionally in fp16 and through TensorRT (where Paddle was built with it)."""
 
     def __init__(self, model_dir, device="auto", threads=None, precision="fp32", tensorrt=False):
         from paddle import inference
@@ -179,7 +176,8 @@ class InferenceModelPredictor:
         use_gpu = devices.check_device(device) == "gpu"  # --device gpu without a usable GPU is refused
         self.threads = threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
         check_gpu_inference(model_file, use_gpu, precision, tensorrt)
-        if precision == BF16_PRECISION:
+        bf16 = precision == "bf16"
+        if bf16:
             check_cpu_bf16(model_file, devices.cpu_flags())
         config = inference.Config(model_file, params)
         config.disable_glog_info()
@@ -198,16 +196,14 @@ class InferenceModelPredictor:
                 config.enable_onednn()
             else:
                 config.enable_mkldnn()
-            if precision == BF16_PRECISION:
-                if hasattr(config, "enable_new_ir"):  # 3.x: the program's own passes, not PIR's
-                    config.enable_new_ir(False)
-                with output_to(os.devnull):  # "Hardware support for BFLOAT16 is enabled"
-                    (getattr(config, "enable_onednn_bfloat16", None) or config.enable_mkldnn_bfloat16)()  # 3.x; 2.6
+            if bf16 and hasattr(config, "enable_new_ir"):  # 3.x: the program's own passes, not PIR's
+                config.enable_new_ir(False)
             config.set_cpu_math_library_num_threads(self.threads)
-        # the program format's bf16 passes print a dozen lines of what they did
-        quiet = output_to(os.devnull) if precision == BF16_PRECISION else contextlib.nullcontext()
         try:
-            with quiet:
+            # bf16: the switch and the program format's passes print a dozen lines of what they did
+            with output_to(os.devnull) if bf16 else contextlib.nullcontext():
+                if bf16:
+                    (getattr(config, "enable_onednn_bfloat16", None) or config.enable_mkldnn_bfloat16)()  # 3.x; 2.6
                 self.predictor = inference.create_predictor(config)
         except Exception as e:  # e.g. TensorRT asked for but libnvinfer not installed
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

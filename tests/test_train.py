@@ -245,16 +245,15 @@ def test_bf16_inference_is_fp32s_logits_within_bf16_rounding(straight_run, tmp_p
 
 
 def test_bf16_inference_is_refused_where_it_cannot_run(straight_run, tmp_path, capsys, monkeypatch):
-    import device as devices_module
     import predictors
     args = ["--ckpt", str(straight_run), "--num-workers", "0", "--precision", "bf16"]
     assert "add --inference" in run_error(eval_script.main, args, capsys)
-    monkeypatch.setattr(devices_module, "cpu_flags", lambda: ["avx512f"])
+    monkeypatch.setattr(devices, "cpu_flags", lambda: ["avx512f"])
     message = run_error(eval_script.main, args + ["--inference"], capsys)
     assert "needs a CPU with bf16 units" in message and "avx512_bf16" in message
     if paddle.__version__.startswith("2."):
         return  # 2.x writes only the program format
-    monkeypatch.setattr(devices_module, "cpu_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(devices, "cpu_flags", lambda: ["avx512_bf16"])
     predictors.export(predictors.CheckpointPredictor(checkpoint.resolve(str(straight_run)), "cpu"), str(tmp_path))
     with pytest.raises(config.UserError, match="runs a model.pdmodel export"):
         predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="bf16")
