@@ -3,6 +3,7 @@
     python bench.py --model resnet18 --stem cifar --batch-size 128 --mode train
     python bench.py --model resnet20 --mode eval --batch-size 256 --compare ours,paddle.vision,torch
     python bench.py --model resnet20 --batch-size 128 --compare ours,ours+onednn,torch
+    python bench.py --model resnet20 --batch-size 128 --compare ours+bf16,torch,torch+bf16 --rounds 3
     python bench.py --model resnet18 --mode eval --impl inference     # exported model, paddle.inference
     python bench.py --pipeline --data-file ../data/cifar-10-python.tar.gz
     python bench.py --loop --data-file ../data/cifar-10-python.tar.gz --model resnet20 --subset 2560
@@ -19,6 +20,8 @@ and allocators do not interfere, and prints them side by side:
   torch+cl       the same in channels_last (model and input), what a tuned PyTorch user picks on a CPU
   ours+bf16      ours+onednn training in bf16 (--amp --amp-dtype bfloat16 on a CPU with amx_bf16 or avx512_bf16)
   torch+bf16     torch+cl under torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's own bf16 CPU recipe
+--rounds N runs the --compare list N times in turn and ends with each impl's median and
+each impl over every impl listed after it (the median of the per-round ratios).
 --pipeline times the input pipeline alone (DataLoader + training transforms on the
 real archive); --loop times one real epoch and reports its wall time over the sum of
 its compute steps (the loop's overhead).
@@ -362,6 +365,85 @@ def check_args(args):
         wrong = [i for i in impls if i not in IMPLS]
         if not impls or wrong:
             raise UserError(f"--compare {args.compare!r}: give comma-separated impls of {', '.join(IMPLS)}")
+    if args.rounds < 1 or (args.rounds > 1 and not args.compare):
+        raise UserError(f"--rounds {args.rounds}: give a count of at least 1, with --compare (rounds of its list)")
+
+
+def run_in_process(impl, argv):
+    """One --impl run of bench.py in a fresh process: its result, or None after printing
+    why it failed. argv: this run's own options without --compare and --rounds."""
+    # PyTorch as it runs out of the box: glibc's malloc as it is, OpenMP's own wait policy
+    env = dict(os.environ, RESNET_CPU_TUNING="off") if impl.startswith("torch") else None
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--impl", impl, "--json"],
+                          capture_output=True, text=True, env=env)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode or not line:
+        print(f"{impl:<14} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        return None
+    return json.loads(line[-1])
+
+
+def without_options(argv, *flags):
+    """argv with each of flags and its value taken out (both spellings: --flag v, --flag=v)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
+
+
+def compare(args, argv):
+    """--compare: every impl in its own process, the list run --rounds times in turn
+    (impl 1, 2, ... then again), so that a machine whose speed drifts slows every impl of a
+    round alike. After several rounds: each impl's median, and each impl over every impl
+    listed after it as the median of the per-round ratios (the figure to quote)."""
+    impls = [i for i in args.compare.split(",") if i]
+    rest = without_options(argv, "--compare", "--rounds")
+    results, per_round = [], []
+    for r in range(1, args.rounds + 1):
+        this_round = {}
+        for impl in impls:
+            result = run_in_process(impl, rest)
+            if result is None:
+                continue
+            result["round"] = r
+            results.append(result)
+            this_round[impl] = result["images_per_s"]
+            prefix = f"round {r}/{args.rounds}  " if args.rounds > 1 else ""
+            print(json.dumps(result) if args.json else prefix + describe(result), flush=True)
+        per_round.append(this_round)
+    if args.rounds > 1:
+        summary = round_summary(impls, per_round)
+        print(json.dumps(summary) if args.json else describe_rounds(summary), flush=True)
+    return results
+
+
+def round_summary(impls, per_round):
+    """impls' medians over the rounds, and the median over the rounds of a/b for every a
+    listed before b (the rounds where both ran)."""
+    def median_of(values):
+        return round(statistics.median(values), 3) if values else None
+    speeds = {i: [r[i] for r in per_round if i in r] for i in impls}
+    ratios = {f"{a} x {b}": [r[a] / r[b] for r in per_round if a in r and b in r]
+              for n, a in enumerate(impls) for b in impls[n + 1:]}
+    return dict(kind="rounds", rounds=len(per_round), **cpu_description(),
+                images_per_s={i: dict(median=median_of(v), runs=[round(x, 3) for x in v]) for i, v in speeds.items()},
+                ratios={k: dict(median=median_of(v), runs=[round(x, 3) for x in v]) for k, v in ratios.items()})
+
+
+def describe_rounds(summary):
+    lines = [f"on {summary['cpu']} ({summary['cpu_flags']}), over {summary['rounds']} rounds, "
+             "images/s (median; every round):"]
+    for impl, s in summary["images_per_s"].items():
+        lines.append(f"  {impl:<14} {s['median'] or 0:.1f}  ({' / '.join(f'{v:.1f}' for v in s['runs'])})")
+    lines.append("ratios (median of the per-round ratios; every round):")
+    for pair, s in summary["ratios"].items():
+        lines.append(f"  {pair:<28} {s['median'] or 0:.2f}  ({' / '.join(f'{v:.2f}' for v in s['runs'])})")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -380,6 +462,8 @@ def run(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--impl", default="ours", choices=IMPLS)
     parser.add_argument("--compare", help="comma-separated impls, each timed in its own process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare: run the list this many times in turn, then medians and ratios")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--to-static", action="store_true", help="paddle.jit.to_static the model")
@@ -400,23 +484,7 @@ def run(argv=None):
               " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         return [result]
     if args.compare:
-        results = []
-        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-        i = rest.index("--compare")
-        rest = rest[:i] + rest[i + 2:]
-        for impl in args.compare.split(","):
-            # PyTorch as it runs out of the box: glibc's malloc, OpenMP's own wait policy
-            # PyTorch as it runs out of the box: glibc's malloc as it is, OpenMP's own wait policy
-            env = dict(os.environ, RESNET_CPU_TUNING="off") if impl.startswith("torch") else None
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--impl", impl, "--json"],
-                                  capture_output=True, text=True, env=env)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-            if proc.returncode or not line:
-                print(f"{impl:<14} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-                continue
-            results.append(json.loads(line[-1]))
-            print(json.dumps(results[-1]) if args.json else describe(results[-1]), flush=True)
-        return results
+        return compare(args, argv if argv is not None else sys.argv[1:])
     result = run_one(args)
     print(json.dumps(result) if args.json else describe(result))
     return [result]

@@ -214,6 +214,7 @@ CASES = [
     ("bench batch 0", bench.main, lambda w, t: ["--batch-size", "0"], "--batch-size must be at least 1"),
     ("bench unknown model", bench.main, lambda w, t: ["--model", "resnet19"], "--model resnet19: unknown"),
     ("bench unknown impl in compare", bench.main, lambda w, t: ["--compare", "ours,tf"], "--compare 'ours,tf'"),
+    ("bench rounds without compare", bench.main, lambda w, t: ["--rounds", "3"], "--rounds 3: give a count"),
     ("bench missing archive", bench.main,
      lambda w, t: ["--pipeline", "--data-file", str(t / "none.tar.gz")], "no such file"),
     ("degradation unknown net", degradation.main, lambda w, t: ["--nets", "plain20,resnet21"], "resnet21"),

@@ -1,4 +1,6 @@
 """Correctness of the speed paths: the device loader, the inference model, bench.py."""
+import json
+
 import numpy as np
 import paddle
 import pytest
@@ -80,6 +82,27 @@ def test_bench_runs_and_reports(mode, capsys):
     (r,) = bench.main(["--model", "resnet20", "--mode", mode, "--batch-size", "8", "--steps", "2", "--warmup", "1"])
     assert r["images_per_s"] > 0 and r["steps"] == 2 and r["peak_memory_mb"] > 0
     assert "img/s" in capsys.readouterr().out
+
+
+def test_bench_rounds_interleave_and_quote_the_median_ratio(monkeypatch, capsys):
+    """--rounds runs the --compare list in turn and quotes each ratio as the median of the
+    per-round ratios; a run that failed drops out of its round only."""
+    speeds = iter([100.0, 50.0, 90.0, None, 120.0, 40.0, 80.0, 20.0])  # ours, torch; four rounds
+    calls = []
+
+    def fake_run(impl, argv):
+        calls.append((impl, argv))
+        speed = next(speeds)
+        return None if speed is None else dict(impl=impl, images_per_s=speed)
+    monkeypatch.setattr(bench, "run_in_process", fake_run)
+    results = bench.main(["--model", "resnet20", "--compare", "ours,torch", "--steps", "1", "--rounds=4", "--json"])
+    own = ["--model", "resnet20", "--steps", "1", "--json"]
+    assert calls == [("ours", own), ("torch", own)] * 4
+    assert [(r["impl"], r["round"]) for r in results] == [("ours", 1), ("torch", 1), ("ours", 2), ("ours", 3),
+                                                          ("torch", 3), ("ours", 4), ("torch", 4)]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images_per_s"]["ours"]["median"] == 95.0 and summary["images_per_s"]["torch"]["median"] == 40.0
+    assert summary["ratios"]["ours x torch"] == dict(median=3.0, runs=[2.0, 3.0, 4.0])  # round 2 had no torch
 
 
 def test_inference_model_matches_dygraph(tmp_path):
