@@ -425,24 +425,26 @@ def compare(args, argv):
 def round_summary(impls, per_round):
     """impls' medians over the rounds, and the median over the rounds of a/b for every a
     listed before b (the rounds where both ran)."""
-    def median_of(values):
-        return round(statistics.median(values), 3) if values else None
+    def stats(values):
+        return dict(median=round(statistics.median(values), 3) if values else None, runs=[round(v, 3) for v in values])
     speeds = {i: [r[i] for r in per_round if i in r] for i in impls}
     ratios = {f"{a} x {b}": [r[a] / r[b] for r in per_round if a in r and b in r]
               for n, a in enumerate(impls) for b in impls[n + 1:]}
     return dict(kind="rounds", rounds=len(per_round), **cpu_description(),
-                images_per_s={i: dict(median=median_of(v), runs=[round(x, 3) for x in v]) for i, v in speeds.items()},
-                ratios={k: dict(median=median_of(v), runs=[round(x, 3) for x in v]) for k, v in ratios.items()})
+                images_per_s={i: stats(v) for i, v in speeds.items()}, ratios={k: stats(v) for k, v in ratios.items()})
 
 
 def describe_rounds(summary):
+    def row(name, s, width, digits, missing):
+        if s["median"] is None:
+            return f"  {name:<{width}} -  ({missing})"
+        runs = " / ".join(f"{v:.{digits}f}" for v in s["runs"])
+        return f"  {name:<{width}} {s['median']:.{digits}f}  ({runs})"
     lines = [f"on {summary['cpu']} ({summary['cpu_flags']}), over {summary['rounds']} rounds, "
              "images/s (median; every round):"]
-    for impl, s in summary["images_per_s"].items():
-        lines.append(f"  {impl:<14} {s['median'] or 0:.1f}  ({' / '.join(f'{v:.1f}' for v in s['runs'])})")
+    lines += [row(impl, s, 14, 1, "failed in every round") for impl, s in summary["images_per_s"].items()]
     lines.append("ratios (median of the per-round ratios; every round):")
-    for pair, s in summary["ratios"].items():
-        lines.append(f"  {pair:<28} {s['median'] or 0:.2f}  ({' / '.join(f'{v:.2f}' for v in s['runs'])})")
+    lines += [row(pair, s, 28, 2, "no round ran both") for pair, s in summary["ratios"].items()]
     return "\n".join(lines)
 
 

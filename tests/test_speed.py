@@ -103,6 +103,8 @@ def test_bench_rounds_interleave_and_quote_the_median_ratio(monkeypatch, capsys)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["images_per_s"]["ours"]["median"] == 95.0 and summary["images_per_s"]["torch"]["median"] == 40.0
     assert summary["ratios"]["ours x torch"] == dict(median=3.0, runs=[2.0, 3.0, 4.0])  # round 2 had no torch
+    text = bench.describe_rounds(bench.round_summary(["ours", "torch"], [{"ours": 100.0}, {"ours": 90.0}]))
+    assert "95.0  (100.0 / 90.0)" in text and "failed in every round" in text and "no round ran both" in text
 
 
 def test_inference_model_matches_dygraph(tmp_path):
