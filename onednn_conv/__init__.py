@@ -285,10 +285,7 @@ def batch_norm(layer, x, relu=False, nhwc=False, fork=False):
     anything but float32 on the CPU keep Paddle's kernel. ``fork``: the output twice (see
     ``forked``), for a next block's convolution and its shortcut."""
     if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
-        y = F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
-                         momentum=layer._momentum, epsilon=layer._epsilon, data_format="NHWC" if nhwc else "NCHW",
-                         use_global_stats=layer._use_global_stats)
-        return forked(F.relu(y) if relu else y, fork)
+        return forked(paddle_batch_norm(layer, x, relu, nhwc), fork)
     if hasattr(x, "is_contiguous") and not x.is_contiguous():
         x = x.contiguous()
     y, mean, variance, y2 = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu, nhwc)
@@ -297,6 +294,18 @@ def batch_norm(layer, x, relu=False, nhwc=False, fork=False):
         paddle.assign(layer._mean * m + mean * (1 - m), output=layer._mean)
         paddle.assign(layer._variance * m + variance * (1 - m), output=layer._variance)
     return (y, y2) if fork else y
+
+
+def paddle_batch_norm(layer, x, relu, nhwc):
+    """``layer`` (and the ReLU) on Paddle's kernel, which has no bfloat16 on the CPU: bf16
+    activations (frozen statistics in bf16 fine-tuning) go through it in fp32 and come back
+    bf16, their gradient too."""
+    bf16 = x.dtype == paddle.bfloat16
+    y = F.batch_norm(x.astype("float32") if bf16 else x, layer._mean, layer._variance, layer.weight, layer.bias,
+                     training=layer.training, momentum=layer._momentum, epsilon=layer._epsilon,
+                     data_format="NHWC" if nhwc else "NCHW", use_global_stats=layer._use_global_stats)
+    y = F.relu(y) if relu else y
+    return y.astype("bfloat16") if bf16 else y
 
 
 def forked(y, fork):
@@ -365,6 +374,16 @@ def mean_pool(x):
     return x.astype("float32").mean(axis=[1, 2])
 
 
+def max_pool(x, nhwc):
+    """The ImageNet stem's 3x3 stride-2 max pool on Paddle's kernel, which has no bfloat16
+    on the CPU: bf16 activations go through it in fp32 and come back bf16 (the output
+    exactly, a max of bf16 values being one of them; the gradient within one rounding where
+    an input wins two overlapping windows and gets the sum of theirs)."""
+    bf16 = x.dtype == paddle.bfloat16
+    y = F.max_pool2d(x.astype("float32") if bf16 else x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW")
+    return y.astype("bfloat16") if bf16 else y
+
+
 def resnet_forward(model, x):
     """ResNet.forward on the operators. With model._onednn_nhwc the image batch is turned
     to NHWC once here, every layer keeps that layout, and the pooled features [N, C] come
@@ -377,7 +396,7 @@ def resnet_forward(model, x):
         x = x.astype("bfloat16")
     x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc, fork=model._onednn_fork)
     if model.maxpool is not None:
-        x = F.max_pool2d(x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW")
+        x = max_pool(x, nhwc)
     for stage in model.stages:
         x = stage(x)
     if model.with_pool:  # the pooled features in fp32, for the classifier and the loss

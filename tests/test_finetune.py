@@ -49,13 +49,24 @@ def trained(out):
     return {k: np.asarray(v) for k, v in checkpoint.load(str(out / "last.pdckpt"))["model"].items()}
 
 
+def bf16_training_runs_here():
+    import device as devices
+    import onednn_conv
+    return onednn_conv.load()[0] is not None and devices.cpu_bf16_units(devices.cpu_flags()) is not None
+
+
+@pytest.mark.parametrize("precision", [
+    pytest.param([], id="fp32"),
+    pytest.param(["--amp", "--amp-dtype", "bfloat16"], id="bf16",  # frozen BN on Paddle's kernel, in fp32
+                 marks=pytest.mark.skipif(not bf16_training_runs_here(), reason="needs a CPU with bf16 units")),
+])
 @pytest.mark.parametrize("strategy,frozen_prefixes", [
     ("head", ("conv1", "bn1", "layer1", "layer2", "layer3")),
     ("last", ("conv1", "bn1", "layer1", "layer2")),
 ])
-def test_strategies_freeze_what_they_say(folder, pretrained, tmp_path, capfd, strategy, frozen_prefixes):
-    finetune.main(ARGS + ["--data-dir", folder, "--pretrained", pretrained[0], "--strategy", strategy,
-                          "--output-dir", str(tmp_path)])
+def test_strategies_freeze_what_they_say(folder, pretrained, tmp_path, capfd, strategy, frozen_prefixes, precision):
+    finetune.main(ARGS + precision + ["--data-dir", folder, "--pretrained", pretrained[0], "--strategy", strategy,
+                                      "--output-dir", str(tmp_path)])
     log = capfd.readouterr().out
     after, before = trained(tmp_path), pretrained[1]
     model = models.resnet20(num_classes=3)

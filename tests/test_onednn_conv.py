@@ -477,6 +477,56 @@ def test_bf16_batch_norm_keeps_fp32_statistics(relu):
 
 
 @needs_bf16
+def test_bf16_frozen_batch_norm_runs_paddles_kernel_in_fp32():
+    """Fine-tuning's last/head freeze BN statistics; Paddle's BN has no CPU bf16 kernel."""
+    rng = np.random.default_rng(2)
+    shape = (4, 8, 8, 16)  # NHWC
+    x16 = bf16(paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2 + 1, stop_gradient=False))
+    x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
+    layer = paddle.nn.BatchNorm2D(16, data_format="NHWC")
+    layer._mean.set_value(paddle.full([16], 0.5))
+    layer._variance.set_value(paddle.full([16], 3.0))
+    layer._use_global_stats = True
+    y16 = onednn_conv.batch_norm(layer, x16, relu=True, nhwc=True)
+    y32 = paddle.nn.functional.relu(layer(x32))
+    assert y16.dtype == paddle.bfloat16
+    assert relative(y16.astype("float32").numpy(), y32.numpy()) <= 4e-3  # one bf16 rounding
+    np.testing.assert_array_equal(layer._mean.numpy(), np.full(16, 0.5, np.float32))  # frozen
+    g = bf16(paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32)))
+    (dx16,), (dx32,) = paddle.grad([y16], [x16], [g]), paddle.grad([y32], [x32], [g.astype("float32")])
+    assert dx16.dtype == paddle.bfloat16 and relative(dx16.astype("float32").numpy(), dx32.numpy()) <= 4e-3
+
+
+@needs_bf16
+def test_bf16_max_pool_is_the_fp32_max_pool():
+    rng = np.random.default_rng(3)
+    x16 = bf16(paddle.to_tensor(rng.standard_normal((2, 9, 9, 8), dtype=np.float32), stop_gradient=False))
+    x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
+    y16 = onednn_conv.max_pool(x16, nhwc=True)
+    y32 = paddle.nn.functional.max_pool2d(x32, 3, 2, 1, data_format="NHWC")
+    assert y16.dtype == paddle.bfloat16 and y16.shape == [2, 5, 5, 8]
+    np.testing.assert_array_equal(y16.astype("float32").numpy(), y32.numpy())
+    g = bf16(paddle.to_tensor(rng.standard_normal((2, 5, 5, 8), dtype=np.float32)))
+    (dx16,), (dx32,) = paddle.grad([y16], [x16], [g]), paddle.grad([y32], [x32], [g.astype("float32")])
+    # an input that wins two overlapping windows gets the sum of their gradients: one rounding
+    np.testing.assert_allclose(dx16.astype("float32").numpy(), dx32.numpy(), rtol=2 ** -8, atol=0)
+
+
+@needs_bf16
+def test_bf16_trains_an_imagenet_stem_and_bottleneck_resnet():
+    for model in (models.resnet18(num_classes=3), models.resnet50(num_classes=3)):
+        onednn_conv.use_in(model, dtype="bfloat16")
+        model.train()
+        opt = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
+        before = model.conv1.weight.numpy().copy()
+        x = paddle.to_tensor(np.random.default_rng(4).standard_normal((2, 3, 32, 32), dtype=np.float32))
+        loss = paddle.nn.functional.cross_entropy(model(x), paddle.to_tensor([0, 2]))
+        loss.backward()
+        opt.step()
+        assert np.isfinite(float(loss)) and not np.array_equal(model.conv1.weight.numpy(), before)
+
+
+@needs_bf16
 @pytest.mark.parametrize("out_shape,in_shape,stride", [((4, 16, 16, 32), (4, 32, 32, 16), 2), ((4, 8, 8, 64), (4, 8, 8, 64), 1)])
 def test_bf16_join_is_the_fp32_join_rounded(out_shape, in_shape, stride):
     rng = np.random.default_rng(2)
