@@ -365,6 +365,10 @@ def check_args(args):
         wrong = [i for i in impls if i not in IMPLS]
         if not impls or wrong:
             raise UserError(f"--compare {args.compare!r}: give comma-separated impls of {', '.join(IMPLS)}")
+    bf16 = [i for i in (args.compare.split(",") if args.compare else [args.impl]) if i.endswith("+bf16")]
+    if bf16 and args.mode == "eval":  # model.eval() and torch.no_grad() would time fp32 under a bf16 name
+        raise UserError(f"--impl {bf16[0]} times bf16 training; drop it from --mode eval (bf16 inference: "
+                        "eval.py --inference --precision bf16)")
     if args.rounds < 1 or (args.rounds > 1 and not args.compare):
         raise UserError(f"--rounds {args.rounds}: give a count of at least 1, with --compare (rounds of its list)")
 

@@ -215,6 +215,8 @@ CASES = [
     ("bench unknown model", bench.main, lambda w, t: ["--model", "resnet19"], "--model resnet19: unknown"),
     ("bench unknown impl in compare", bench.main, lambda w, t: ["--compare", "ours,tf"], "--compare 'ours,tf'"),
     ("bench rounds without compare", bench.main, lambda w, t: ["--rounds", "3"], "--rounds 3: give a count"),
+    ("bench bf16 in eval", bench.main, lambda w, t: ["--mode", "eval", "--compare", "ours,torch+bf16"],
+     "--impl torch+bf16 times bf16 training"),
     ("bench missing archive", bench.main,
      lambda w, t: ["--pipeline", "--data-file", str(t / "none.tar.gz")], "no such file"),
     ("degradation unknown net", degradation.main, lambda w, t: ["--nets", "plain20,resnet21"], "resnet21"),
