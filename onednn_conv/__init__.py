@@ -265,6 +265,12 @@ def on_cpu_ours(x, *params):
     return x.dtype in (paddle.float32, paddle.bfloat16) and x.place.is_cpu_place() and on_cpu_fp32(*params)
 
 
+def dense(x):
+    """``x`` in its own row-major memory: the operators read it so, and a 3.x view (a
+    transpose) only has strides."""
+    return x.contiguous() if hasattr(x, "is_contiguous") and not x.is_contiguous() else x
+
+
 def conv_forward(layer, x):
     """Conv2D.forward of a covered layer (bound to it by use_in), on activations in the
     layout use_in chose (layer._onednn_nhwc)."""
@@ -272,8 +278,7 @@ def conv_forward(layer, x):
     if not on_cpu_ours(x, layer.weight):
         return F.conv2d(x, layer.weight, stride=stride, padding=padding,
                         data_format="NHWC" if layer._onednn_nhwc else "NCHW")
-    if hasattr(x, "is_contiguous") and not x.is_contiguous():
-        x = x.contiguous()
+    x = dense(x)
     return _loaded["op"].onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient, layer._onednn_nhwc)
 
 
@@ -286,8 +291,7 @@ def batch_norm(layer, x, relu=False, nhwc=False, fork=False):
     ``forked``), for a next block's convolution and its shortcut."""
     if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
         return forked(paddle_batch_norm(layer, x, relu, nhwc), fork)
-    if hasattr(x, "is_contiguous") and not x.is_contiguous():
-        x = x.contiguous()
+    x = dense(x)
     y, mean, variance, y2 = _loaded["op"].batch_norm_relu(x, layer.weight, layer.bias, layer._epsilon, relu, nhwc)
     with paddle.no_grad():
         m = layer._momentum
@@ -374,14 +378,15 @@ def mean_pool(x):
     return x.astype("float32").mean(axis=[1, 2])
 
 
-def max_pool(x, nhwc):
-    """The ImageNet stem's 3x3 stride-2 max pool on Paddle's kernel, which has no bfloat16
-    on the CPU: bf16 activations go through it in fp32 and come back bf16 (the output
-    exactly, a max of bf16 values being one of them; the gradient within one rounding where
-    an input wins two overlapping windows and gets the sum of theirs)."""
-    bf16 = x.dtype == paddle.bfloat16
-    y = F.max_pool2d(x.astype("float32") if bf16 else x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW")
-    return y.astype("bfloat16") if bf16 else y
+def max_pool(x, nhwc, fork=False):
+    """The ImageNet stem's 3x3 stride-2 max pool (padding 1). On NHWC CPU activations, the
+    operator: Paddle's kernel runs on one thread and has no bfloat16 (a ResNet-18 step at
+    224x224, batch 32, spent 28% of its time in it and the casts around it). ``fork``: the
+    output twice, as ``batch_norm``."""
+    if nhwc and on_cpu_ours(x) and len(x.shape) == 4:
+        y, y2 = _loaded["op"].max_pool(dense(x))
+        return (y, y2) if fork else y
+    return forked(F.max_pool2d(x, 3, 2, 1, data_format="NHWC" if nhwc else "NCHW"), fork)
 
 
 def resnet_forward(model, x):
@@ -394,9 +399,10 @@ def resnet_forward(model, x):
         x = x.transpose([0, 2, 3, 1])
     if model._onednn_bf16 and model.training:  # bf16 from the first convolution; evaluation stays fp32
         x = x.astype("bfloat16")
-    x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc, fork=model._onednn_fork)
-    if model.maxpool is not None:
-        x = max_pool(x, nhwc)
+    pool = model.maxpool is not None  # the stem's output, forked for the first block: the pool's when it has one
+    x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc, fork=model._onednn_fork and not pool)
+    if pool:
+        x = max_pool(x, nhwc, fork=model._onednn_fork)
     for stage in model.stages:
         x = stage(x)
     if model.with_pool:  # the pooled features in fp32, for the classifier and the loss
@@ -445,7 +451,7 @@ def use_in(model, ops=("conv", "norm", "join"), layout="nhwc", dtype="float32"):
             counts["norm"] += 1
     if nhwc:  # each output that a residual block takes in is forked (see forked())
         blocks = [block for stage in model.stages for block in stage]
-        model._onednn_fork = model.maxpool is None and blocks[0].residual
+        model._onednn_fork = blocks[0].residual
         for block, after in zip(blocks, blocks[1:]):
             block._onednn_fork = after.residual
     return counts

@@ -497,19 +497,39 @@ def test_bf16_frozen_batch_norm_runs_paddles_kernel_in_fp32():
     assert dx16.dtype == paddle.bfloat16 and relative(dx16.astype("float32").numpy(), dx32.numpy()) <= 4e-3
 
 
-@needs_bf16
-def test_bf16_max_pool_is_the_fp32_max_pool():
+@needs_op
+@pytest.mark.parametrize("shape", [(2, 112, 112, 64), (2, 16, 16, 64), (2, 9, 9, 8), (1, 7, 10, 3)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_is_paddles_exactly(shape, ties):
+    """The ImageNet stem's pool (224, 32 and odd sizes) against F.max_pool2d, to the bit:
+    ties (small integers) go to the first position of the window, as in Paddle's kernel."""
     rng = np.random.default_rng(3)
-    x16 = bf16(paddle.to_tensor(rng.standard_normal((2, 9, 9, 8), dtype=np.float32), stop_gradient=False))
+    a = rng.integers(-3, 3, shape).astype(np.float32) if ties else rng.standard_normal(shape, dtype=np.float32)
+    x, ref_x = (paddle.to_tensor(a, stop_gradient=False) for _ in range(2))
+    y, y2 = OP.max_pool(x)
+    ref = F.max_pool2d(ref_x, 3, 2, 1, data_format="NHWC")
+    np.testing.assert_array_equal(y.numpy(), ref.numpy())
+    g, g2 = (paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32)) for _ in range(2))
+    np.testing.assert_array_equal(paddle.grad([y], [x], [g])[0].numpy(), paddle.grad([ref], [ref_x], [g])[0].numpy())
+    y, y2 = OP.max_pool(x)  # both outputs used: the gradients add
+    ref = F.max_pool2d(ref_x, 3, 2, 1, data_format="NHWC")
+    got = paddle.grad([y, y2], [x], [g, g2])[0].numpy()
+    np.testing.assert_allclose(got, paddle.grad([ref], [ref_x], [g + g2])[0].numpy(), rtol=1e-6, atol=1e-6)
+
+
+@needs_bf16
+def test_bf16_max_pool_is_the_fp32_max_pool_rounded():
+    rng = np.random.default_rng(3)
+    x16 = bf16(paddle.to_tensor(rng.standard_normal((2, 16, 16, 64), dtype=np.float32), stop_gradient=False))
     x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
     y16 = onednn_conv.max_pool(x16, nhwc=True)
-    y32 = paddle.nn.functional.max_pool2d(x32, 3, 2, 1, data_format="NHWC")
-    assert y16.dtype == paddle.bfloat16 and y16.shape == [2, 5, 5, 8]
-    np.testing.assert_array_equal(y16.astype("float32").numpy(), y32.numpy())
-    g = bf16(paddle.to_tensor(rng.standard_normal((2, 5, 5, 8), dtype=np.float32)))
+    y32 = F.max_pool2d(x32, 3, 2, 1, data_format="NHWC")
+    assert y16.dtype == paddle.bfloat16 and y16.shape == [2, 8, 8, 64]
+    np.testing.assert_array_equal(y16.astype("float32").numpy(), y32.numpy())  # a max of bf16 values is one
+    g = bf16(paddle.to_tensor(rng.standard_normal((2, 8, 8, 64), dtype=np.float32)))
     (dx16,), (dx32,) = paddle.grad([y16], [x16], [g]), paddle.grad([y32], [x32], [g.astype("float32")])
-    # an input that wins two overlapping windows gets the sum of their gradients: one rounding
-    np.testing.assert_allclose(dx16.astype("float32").numpy(), dx32.numpy(), rtol=2 ** -8, atol=0)
+    # summed in float where an input wins two overlapping windows, then rounded once
+    np.testing.assert_array_equal(dx16.astype("float32").numpy(), dx32.astype("bfloat16").astype("float32").numpy())
 
 
 @needs_bf16
