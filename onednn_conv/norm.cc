@@ -699,8 +699,9 @@ void max_pool_forward(const T *x, T *y, int64_t n, const Window &p) {
   }
 }
 
-template <typename T, typename G>
-void max_pool_backward(const T *x, const T *y, G grad, T *dx, int64_t n, const Window &p) {
+template <typename G>
+void max_pool_backward(const typename G::type *x, const typename G::type *y, G grad, typename G::type *dx,
+                       int64_t n, const Window &p) {
 #pragma omp parallel
   {
     std::vector<float> acc(p.h * p.w * p.c);  // one image's gradient
@@ -711,12 +712,12 @@ void max_pool_backward(const T *x, const T *y, G grad, T *dx, int64_t n, const W
       for (int64_t oh = 0; oh < p.oh; ++oh)
         for (int64_t ow = 0; ow < p.ow; ++ow) {
           const int64_t o = ((i * p.oh + oh) * p.ow + ow) * p.c;
-          const T *m = y + o;
+          const auto *m = y + o;
           const auto g = grad.row(o);
           std::fill(done.begin(), done.end(), 0);
           for (int64_t ih = p.first(oh); ih < p.end(oh, p.h); ++ih)
             for (int64_t iw = p.first(ow); iw < p.end(ow, p.w); ++iw) {
-              const T *v = x + ((i * p.h + ih) * p.w + iw) * p.c;
+              const auto *v = x + ((i * p.h + ih) * p.w + iw) * p.c;
               float *a = acc.data() + (ih * p.w + iw) * p.c;
 #pragma omp simd
               for (int64_t k = 0; k < p.c; ++k) {
@@ -726,7 +727,7 @@ void max_pool_backward(const T *x, const T *y, G grad, T *dx, int64_t n, const W
               }
             }
         }
-      T *d = dx + i * p.h * p.w * p.c;
+      auto *d = dx + i * p.h * p.w * p.c;
 #pragma omp simd
       for (int64_t k = 0; k < p.h * p.w * p.c; ++k) store(d, k, acc[k]);
     }
@@ -753,15 +754,13 @@ std::vector<paddle::Tensor> MaxPoolBackward(const paddle::Tensor &x, const paddl
                                             const paddle::Tensor &grad_y, const paddle::Tensor &grad_y2) {
   const Window p = window_of(x.shape());
   paddle::Tensor grad_x = paddle::empty(x.shape(), x.dtype(), paddle::CPUPlace());
-  auto run = [&](auto type_tag) {
-    using T = decltype(type_tag);
-    return with_grad<T>(grad_y, grad_y2, [&](auto g) {
-      max_pool_backward(data_of<T>(x), data_of<T>(y), g, data_of<T>(grad_x), x.shape()[0], p);
-      return 0;
-    });
+  auto kernel = [&](auto g) {
+    using T = typename decltype(g)::type;
+    max_pool_backward(data_of<T>(x), data_of<T>(y), g, data_of<T>(grad_x), x.shape()[0], p);
+    return 0;
   };
-  if (x.dtype() == paddle::DataType::BFLOAT16) run(bf16());
-  else run(float());
+  if (x.dtype() == paddle::DataType::BFLOAT16) with_grad<bf16>(grad_y, grad_y2, kernel);
+  else with_grad<float>(grad_y, grad_y2, kernel);
   return {grad_x};
 }
 
