@@ -7,8 +7,11 @@
 // pass per read of a tensor.
 //
 // batch_norm_relu: BatchNorm in training with the ReLU after it fused (relu=false: BN
-//   alone). It returns the batch mean and biased variance; the Python side (__init__.py)
-//   updates the layer's running statistics with them exactly as Paddle does.
+//   alone). It returns the batch mean and biased variance, and updates the layer's
+//   running statistics (RunningMean, RunningVariance) with them in place, as Paddle's
+//   kernel does: eight eager ops a layer less, ~80 us (~1.6 ms a ResNet-20 step). They are
+//   written through the inputs: Paddle's inplace map refuses a layer's buffers as the
+//   inplace inputs of an operator that has a gradient.
 // residual_join: relu(a + shortcut(b)) in one pass, forward and backward, where
 //   shortcut(b) is b itself (same shape) or the paper's option A (b subsampled by the
 //   stride, zero channels appended), read straight from the block input: no slice, no
@@ -361,9 +364,24 @@ std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::T
               : NormForwardNCHW(x, scale, shift, epsilon, relu);
 }
 
+// running = running * momentum + batch * (1 - momentum), in float, as Paddle's kernel
+// (phi/kernels/cpu/batch_norm_kernel.cc) updates its running mean and variance.
+void update_running(const paddle::Tensor &running, const paddle::Tensor &batch, float momentum) {
+  PD_CHECK(running.is_cpu() && running.dtype() == paddle::DataType::FLOAT32 && running.numel() == batch.numel(),
+           "batch_norm_relu: running statistics: one float32 CPU value per channel");
+  float *r = const_cast<float *>(running.data<float>());
+  const float *b = batch.data<float>();
+  const float rest = float(1. - momentum);
+  for (int64_t k = 0; k < batch.numel(); ++k) r[k] = r[k] * momentum + b[k] * rest;
+}
+
 std::vector<paddle::Tensor> NormForwardForked(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                              const paddle::Tensor &shift, float epsilon, bool relu, bool nhwc) {
+                                              const paddle::Tensor &shift, const paddle::Tensor &running_mean,
+                                              const paddle::Tensor &running_variance, float epsilon, float momentum,
+                                              bool relu, bool nhwc) {
   std::vector<paddle::Tensor> out = NormForward(x, scale, shift, epsilon, relu, nhwc);
+  update_running(running_mean, out[1], momentum);
+  update_running(running_variance, out[2], momentum);
   out.push_back(out[0]);  // Y2: the same tensor, for a second consumer
   return out;
 }
@@ -371,7 +389,8 @@ std::vector<paddle::Tensor> NormForwardForked(const paddle::Tensor &x, const pad
 std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::Tensor &scale,
                                          const paddle::Tensor &y, const paddle::Tensor &mean,
                                          const paddle::Tensor &variance, const paddle::Tensor &grad_y,
-                                         const paddle::Tensor &grad_y2, float epsilon, bool relu, bool nhwc) {
+                                         const paddle::Tensor &grad_y2, float epsilon, float momentum, bool relu,
+                                         bool nhwc) {
   auto nhwc_kernel = [&](auto g) { return NormBackwardNHWC(x, scale, y, mean, variance, g, epsilon, relu); };
   if (x.dtype() == paddle::DataType::BFLOAT16) return with_grad<bf16>(grad_y, grad_y2, nhwc_kernel);
   if (nhwc) return with_grad<float>(grad_y, grad_y2, nhwc_kernel);
@@ -380,21 +399,24 @@ std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::
 }
 
 std::vector<std::vector<int64_t>> NormInferShape(const std::vector<int64_t> &x, const std::vector<int64_t> &scale,
-                                                 const std::vector<int64_t> &shift, float epsilon, bool relu,
-                                                 bool nhwc) {
+                                                 const std::vector<int64_t> &shift,
+                                                 const std::vector<int64_t> &running_mean,
+                                                 const std::vector<int64_t> &running_variance, float epsilon,
+                                                 float momentum, bool relu, bool nhwc) {
   const int64_t c = nhwc ? x[3] : x[1];
   return {x, {c}, {c}, x};
 }
 
 std::vector<paddle::DataType> NormInferDtype(const paddle::DataType &x, const paddle::DataType &scale,
-                                             const paddle::DataType &shift) {  // statistics: float32
+                                             const paddle::DataType &shift, const paddle::DataType &running_mean,
+                                             const paddle::DataType &running_variance) {  // statistics: float32
   return {x, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32, x};
 }
 
 PD_BUILD_OP(batch_norm_relu)
-    .Inputs({"X", "Scale", "Shift"})
+    .Inputs({"X", "Scale", "Shift", "RunningMean", "RunningVariance"})
     .Outputs({"Y", "Mean", "Variance", "Y2"})
-    .Attrs({"epsilon: float", "relu: bool", "nhwc: bool"})
+    .Attrs({"epsilon: float", "momentum: float", "relu: bool", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(NormForwardForked))
     .SetInferShapeFn(PD_INFER_SHAPE(NormInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(NormInferDtype));
@@ -402,7 +424,7 @@ PD_BUILD_OP(batch_norm_relu)
 PD_BUILD_GRAD_OP(batch_norm_relu)
     .Inputs({"X", "Scale", "Y", "Mean", "Variance", paddle::Grad("Y"), paddle::Grad("Y2")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Shift")})
-    .Attrs({"epsilon: float", "relu: bool", "nhwc: bool"})
+    .Attrs({"epsilon: float", "momentum: float", "relu: bool", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(NormBackward));
 
 // ------------------------------------------------------------------------ the join

@@ -205,6 +205,28 @@ def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu,
 
 @needs_op
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_the_operator_moves_the_layers_running_statistics_as_paddle_does(layout):
+    """Three training steps at momentum 0.8: the operator updates the layer's own _mean
+    and _variance (the tensors its state_dict, and so a checkpoint, holds) as Paddle's
+    kernel does, the momentum compounding; evaluation leaves them alone."""
+    rng = np.random.default_rng(3)
+    ours, theirs = paddle.nn.BatchNorm2D(16, momentum=0.8), paddle.nn.BatchNorm2D(16, momentum=0.8)
+    saved = ours.state_dict()["_mean"]
+    for step in range(3):
+        x = paddle.to_tensor(rng.standard_normal((4, 16, 6, 6), dtype=np.float32) * (step + 1) + step)
+        theirs(x)
+        onednn_conv.batch_norm(ours, nhwc(x) if layout == "nhwc" else x, nhwc=layout == "nhwc")
+    for name in ("_mean", "_variance"):
+        assert relative(getattr(ours, name).numpy(), getattr(theirs, name).numpy()) <= 1e-5, name
+    np.testing.assert_array_equal(saved.numpy(), ours._mean.numpy())
+    before = ours._variance.numpy().copy()
+    ours.eval()
+    onednn_conv.batch_norm(ours, x)
+    np.testing.assert_array_equal(ours._variance.numpy(), before)
+
+
+@needs_op
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("out_shape,in_shape,stride", JOIN_SHAPES)
 def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride, layout):
     """relu(out + shortcut(x)) and both gradients exactly (the same sums in one pass)."""
