@@ -210,9 +210,9 @@ def compile_op():
 
 
 def self_check(op):
-    """Forward and both gradients against Paddle's conv2d on two small shapes, on the CPU
-    whatever the default device is (on a GPU build it is GPU 0, where the operator does
-    not run: GPU audit 2, N4)."""
+    """Forward and both gradients against Paddle's conv2d on two small shapes, and the
+    running mean that BatchNorm updates in place, on the CPU whatever the default device
+    is (on a GPU build it is GPU 0, where the operator does not run: GPU audit 2, N4)."""
     rng = np.random.default_rng(0)
     cpu = paddle.CPUPlace()
     for stride, padding, r in ((1, 1, 3), (2, 0, 1)):
@@ -226,6 +226,12 @@ def self_check(op):
             error = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
             if not error <= 1e-4:
                 raise Unavailable(f"self-check failed: relative error {error:.1e} against Paddle's conv2d")
+    x = paddle.to_tensor(rng.standard_normal((2, 3, 3, 4), dtype=np.float32), place=cpu)
+    ones, zeros = (paddle.to_tensor(np.full(4, v, np.float32), place=cpu) for v in (1, 0))
+    running = paddle.to_tensor(np.zeros(4, np.float32), place=cpu)  # BatchNorm writes it in place
+    batch_mean = op.batch_norm_relu(x, ones, zeros, running, ones.clone(), 1e-5, 0.9, False, True)[1]
+    if not np.allclose(running.numpy(), batch_mean.numpy() * np.float32(0.1), rtol=1e-5):
+        raise Unavailable("self-check failed: batch_norm_relu did not update the running mean it was given")
 
 
 def load():

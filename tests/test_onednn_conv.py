@@ -440,6 +440,22 @@ def test_a_failing_self_check_is_a_reason_not_a_crash(monkeypatch):
     assert onednn_conv.load() == (None, "the operator failed its start-up check (RuntimeError: oneDNN said no)")
 
 
+@needs_op
+def test_the_self_check_refuses_a_batch_norm_whose_running_mean_stays(monkeypatch):
+    """BatchNorm writes the running statistics through its inputs: were Paddle ever to
+    hand the kernel copies, training would run with statistics that never move. The
+    start-up check says so instead (and the operator falls back)."""
+    class Copying:
+        onednn_conv2d = staticmethod(OP.onednn_conv2d)
+
+        @staticmethod
+        def batch_norm_relu(x, scale, shift, mean, variance, *attrs):
+            return OP.batch_norm_relu(x, scale, shift, mean.clone(), variance.clone(), *attrs)
+    with pytest.raises(onednn_conv.Unavailable, match="did not update the running mean"):
+        onednn_conv.self_check(Copying)
+    onednn_conv.self_check(OP)
+
+
 # ------------------------------------------------------------------------ bf16 (NHWC)
 import device as devices  # noqa: E402
 
