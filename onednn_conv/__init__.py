@@ -292,9 +292,10 @@ def batch_norm(layer, x, relu=False, nhwc=False, fork=False):
     """``layer`` (a BatchNorm2D) on ``x`` (NCHW, or NHWC with ``nhwc``), then the ReLU when
     ``relu``. In training it runs on the operator, which also updates the running
     statistics as Paddle's kernel does: momentum on the biased batch variance, in place
-    on the layer's tensors, so names and checkpoints stay. Evaluation, frozen statistics (fine-tuning's last/head) and
-    anything but float32 on the CPU keep Paddle's kernel. ``fork``: the output twice (see
-    ``forked``), for a next block's convolution and its shortcut."""
+    on the layer's tensors, so names and checkpoints stay. Evaluation, frozen statistics
+    (fine-tuning's last/head) and anything but float32 or bfloat16 on the CPU keep
+    Paddle's kernel. ``fork``: the output twice (see ``forked``), for a next block's
+    convolution and its shortcut."""
     if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
         return forked(paddle_batch_norm(layer, x, relu, nhwc), fork)
     y, _, _, y2 = _loaded["op"].batch_norm_relu(dense(x), layer.weight, layer.bias, layer._mean, layer._variance,
