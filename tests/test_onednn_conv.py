@@ -441,7 +441,7 @@ def test_a_failing_self_check_is_a_reason_not_a_crash(monkeypatch):
 
 
 @needs_op
-def test_the_self_check_refuses_a_batch_norm_whose_running_mean_stays(monkeypatch):
+def test_the_self_check_refuses_a_batch_norm_whose_running_mean_stays():
     """BatchNorm writes the running statistics through its inputs: were Paddle ever to
     hand the kernel copies, training would run with statistics that never move. The
     start-up check says so instead (and the operator falls back)."""
