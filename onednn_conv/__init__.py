@@ -308,11 +308,20 @@ def paddle_batch_norm(layer, x, relu, nhwc):
     activations (frozen statistics in bf16 fine-tuning) go through it in fp32 and come back
     bf16, their gradient too."""
     bf16 = x.dtype == paddle.bfloat16
-    y = F.batch_norm(x.astype("float32") if bf16 else x, layer._mean, layer._variance, layer.weight, layer.bias,
+    y = F.batch_norm(bf16_cast(x) if bf16 else x, layer._mean, layer._variance, layer.weight, layer.bias,
                      training=layer.training, momentum=layer._momentum, epsilon=layer._epsilon,
                      data_format="NHWC" if nhwc else "NCHW", use_global_stats=layer._use_global_stats)
     y = F.relu(y) if relu else y
-    return y.astype("bfloat16") if bf16 else y
+    return bf16_cast(y) if bf16 else y
+
+
+def bf16_cast(x):
+    """``x`` (float32 or bfloat16) in the other precision, and its gradient back, rounded to
+    the nearest even: on the CPU by the operator (Paddle 2.6's CPU cast truncates, 3.x's
+    rounds), elsewhere by Paddle's cast."""
+    if x.place.is_cpu_place() and _loaded.get("op") is not None:
+        return _loaded["op"].bf16_cast(dense(x))
+    return x.astype("float32" if x.dtype == paddle.bfloat16 else "bfloat16")
 
 
 def forked(y, fork):
@@ -401,7 +410,7 @@ def resnet_forward(model, x):
     if nhwc:
         x = x.transpose([0, 2, 3, 1])
     if model._onednn_bf16 and model.training:  # bf16 from the first convolution; evaluation stays fp32
-        x = x.astype("bfloat16")
+        x = bf16_cast(x)
     pool = model.maxpool is not None  # the stem's output, forked for the first block: the pool's when it has one
     x = batch_norm(model.bn1, model.conv1(x), relu=True, nhwc=nhwc, fork=model._onednn_fork and not pool)
     if pool:

@@ -18,6 +18,7 @@
 //   zeros, no concat. Its backward writes both gradients in the same pass.
 //
 // mean_pool and max_pool: the pooled features, and the ImageNet stem's max pool (below).
+// bf16_cast: float32 <-> bfloat16, rounding to the nearest even both ways (below).
 //
 // Both return their output twice (Y2, Out2: the same memory). A block's input feeds its
 // first convolution and its shortcut; given one output each, the two gradients come back
@@ -804,3 +805,49 @@ PD_BUILD_GRAD_OP(max_pool)
     .Inputs({"X", "Y", paddle::Grad("Y"), paddle::Grad("Y2")})
     .Outputs({paddle::Grad("X")})
     .SetKernelFn(PD_KERNEL(MaxPoolBackward));
+
+// ------------------------------------------------------------------------ the cast
+// bf16_cast: float32 to bfloat16 or bfloat16 to float32, and its gradient the other way,
+// rounding to the nearest even wherever it narrows (store, above). Paddle's own CPU cast
+// truncates in 2.6 (3.x rounds), so the casts the bf16 path makes around these operators
+// (the image batch, a frozen BatchNorm's fp32 kernel) are this one: one rounding on both.
+namespace {
+
+template <typename From, typename To>
+void cast_values(const From *x, To *y, int64_t count) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < count; ++i) store(y, i, load(x, i));
+}
+
+paddle::DataType other_precision(paddle::DataType t) {
+  return t == paddle::DataType::FLOAT32 ? paddle::DataType::BFLOAT16 : paddle::DataType::FLOAT32;
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> CastBf16(const paddle::Tensor &x) {
+  PD_CHECK(x.is_cpu() && (x.dtype() == paddle::DataType::FLOAT32 || x.dtype() == paddle::DataType::BFLOAT16),
+           "bf16_cast: a float32 or bfloat16 CPU tensor expected");
+  paddle::Tensor y = paddle::empty(x.shape(), other_precision(x.dtype()), paddle::CPUPlace());
+  if (x.dtype() == paddle::DataType::FLOAT32)
+    cast_values(x.data<float>(), data_of<bf16>(y), x.numel());
+  else
+    cast_values(data_of<bf16>(x), y.data<float>(), x.numel());
+  return {y};
+}
+
+std::vector<std::vector<int64_t>> CastInferShape(const std::vector<int64_t> &x) { return {x}; }
+
+std::vector<paddle::DataType> CastInferDtype(const paddle::DataType &x) { return {other_precision(x)}; }
+
+PD_BUILD_OP(bf16_cast)
+    .Inputs({"X"})
+    .Outputs({"Y"})
+    .SetKernelFn(PD_KERNEL(CastBf16))
+    .SetInferShapeFn(PD_INFER_SHAPE(CastInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(CastInferDtype));
+
+PD_BUILD_GRAD_OP(bf16_cast)
+    .Inputs({paddle::Grad("Y")})
+    .Outputs({paddle::Grad("X")})
+    .SetKernelFn(PD_KERNEL(CastBf16));

@@ -293,18 +293,20 @@ def test_a_forked_output_adds_both_consumers_gradients(op, dtype):
 @pytest.mark.parametrize("shape", [(4, 8, 8, 64), (4, 4, 4, 512)])  # ResNet-20's and ResNet-18's last maps, NHWC
 def test_mean_pool_is_the_fp32_mean_and_its_gradient(shape, dtype):
     """The pooled features [N, C] in float32 (for the classifier and the loss) and the
-    gradient g / (h * w) back in the activations' type: against Paddle's cast and mean."""
+    gradient g / (h * w) back in the activations' type: against Paddle's mean, its gradient
+    rounded to the nearest even (Paddle 2.6's own cast to bf16 truncates)."""
     rng = np.random.default_rng(sum(shape))
     x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) + 0.5).astype(dtype)
     x.stop_gradient = False
     grad = paddle.to_tensor(rng.standard_normal(shape[::3], dtype=np.float32))
     y = onednn_conv.mean_pool(x)
-    ref = x.astype("float32").mean(axis=[1, 2])
+    x32 = paddle.to_tensor(x.astype("float32").numpy(), stop_gradient=False)
+    ref = x32.mean(axis=[1, 2])
     assert y.dtype == paddle.float32 and y.shape == [shape[0], shape[3]]
     np.testing.assert_allclose(y.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
-    got, want = paddle.grad([y], [x], [grad])[0], paddle.grad([ref], [x], [grad])[0]
+    got, want = paddle.grad([y], [x], [grad])[0], paddle.grad([ref], [x32], [grad])[0].numpy()
     assert got.dtype == x.dtype
-    np.testing.assert_array_equal(got.astype("float32").numpy(), want.astype("float32").numpy())
+    np.testing.assert_array_equal(got.astype("float32").numpy(), want if dtype == "float32" else nearest_bf16(want))
 
 
 @needs_op
@@ -463,6 +465,38 @@ BF16_UNITS = devices.cpu_bf16_units(devices.cpu_flags())
 needs_bf16 = pytest.mark.skipif(OP is None or BF16_UNITS is None, reason="needs the operator and a CPU with bf16 units")
 
 
+def nearest_bf16(a):
+    """float32 values rounded to the nearest bfloat16, ties to the even one (as float32):
+    the rounding oneDNN and PyTorch make, whatever Paddle's cast does (2.6's truncates)."""
+    a = np.asarray(a, np.float32)
+    down = (a.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # toward zero
+    up = (down.view(np.uint32) + np.uint32(0x10000)).view(np.float32)  # the next one away from zero
+    below, above = np.abs(a.astype(np.float64) - down), np.abs(up.astype(np.float64) - a)
+    even = (down.view(np.uint32) & np.uint32(0x10000)) == 0
+    return np.where((below < above) | ((below == above) & even), down, up)
+
+
+@needs_op
+def test_the_bf16_cast_rounds_to_the_nearest_even_and_its_gradient_too():
+    """The casts around the bf16 operators (the image batch, a frozen BatchNorm): narrowing
+    rounds, ties to even, both ways; widening is exact."""
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-12]
+    a = np.concatenate([np.float32(ties), np.random.default_rng(0).standard_normal(4096, dtype=np.float32) * 10])
+    want = nearest_bf16(a)
+    np.testing.assert_array_equal(want[:4], np.float32([1, 1 + 2**-6, -1, 1 + 2**-7]))  # the reference itself
+    x = paddle.to_tensor(a, stop_gradient=False)
+    y = OP.bf16_cast(x)
+    assert y.dtype == paddle.bfloat16
+    np.testing.assert_array_equal(OP.bf16_cast(y).numpy(), want)
+    g16 = OP.bf16_cast(paddle.to_tensor(a[::-1].copy()))
+    np.testing.assert_array_equal(paddle.grad([y], [x], [g16])[0].numpy(), want[::-1])  # widened exactly
+    x16 = OP.bf16_cast(paddle.to_tensor(a))
+    x16.stop_gradient = False
+    y32 = OP.bf16_cast(x16)
+    assert y32.dtype == paddle.float32
+    np.testing.assert_array_equal(OP.bf16_cast(paddle.grad([y32], [x16], [x])[0]).numpy(), want)
+
+
 def bf16(t):
     """``t`` rounded to bf16 (and the bf16 tensor): the same values in both precisions."""
     b = paddle.to_tensor(t.numpy()).astype("bfloat16")
@@ -567,7 +601,7 @@ def test_bf16_max_pool_is_the_fp32_max_pool_rounded():
     g = bf16(paddle.to_tensor(rng.standard_normal((2, 8, 8, 64), dtype=np.float32)))
     (dx16,), (dx32,) = paddle.grad([y16], [x16], [g]), paddle.grad([y32], [x32], [g.astype("float32")])
     # summed in float where an input wins two overlapping windows, then rounded once
-    np.testing.assert_array_equal(dx16.astype("float32").numpy(), dx32.astype("bfloat16").astype("float32").numpy())
+    np.testing.assert_array_equal(dx16.astype("float32").numpy(), nearest_bf16(dx32.numpy()))
 
 
 @needs_bf16
