@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import site
+import struct
 import sys
 import tempfile
 import time
@@ -179,9 +180,23 @@ def build_lock(out):
         yield
 
 
+def whole_library(path):
+    """Whether the shared library at ``path`` is all there: its section headers, which the
+    linker writes last, end inside the file. Loading one cut short (a build stopped while
+    it linked) does not raise: the process dies of SIGBUS (seen with Paddle 2.6.2)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF":
+        return False
+    offset, = struct.unpack_from("<Q", head, 0x28)  # e_shoff
+    entry_size, count = struct.unpack_from("<HH", head, 0x3A)  # e_shentsize, e_shnum
+    return os.path.getsize(path) >= offset + entry_size * count
+
+
 def compile_op():
-    """Build (or load from the cache) the operator. Raises Unavailable. A cached build that
-    does not load (a truncated library, say) is removed and built again, once."""
+    """Build (or load from the cache) the operator. Raises Unavailable. A cached library cut
+    short (a build stopped while it linked) or that does not load is removed and built
+    again, once."""
     if not shutil.which(os.environ.get("CXX", "c++")):
         raise Unavailable("no C++ compiler on this machine (install g++)")
     include_dir = find_headers(library_version())
@@ -192,6 +207,11 @@ def compile_op():
         raise Unavailable(f"the build folder {out} cannot be made ({e.strerror or e}); set ONEDNN_CONV_CACHE")
     with build_lock(out), output_to(os.path.join(out, "build.log")):
         from paddle.utils import cpp_extension
+        cached = os.path.join(out, "onednn_conv_op")
+        library = os.path.join(cached, "onednn_conv_op.so")
+        if os.path.exists(library) and not whole_library(library):
+            print("the cached build is cut short: building it again", flush=True)
+            shutil.rmtree(cached)
         for attempt in range(2):
             try:
                 return cpp_extension.load(
@@ -201,7 +221,6 @@ def compile_op():
                     extra_ldflags=[f"-L{PADDLE_LIBS}", *openmp_link_flags(), "-l:libdnnl.so.3",
                                    f"-Wl,-rpath,{PADDLE_LIBS}"])
             except Exception:  # a compiler error (the details are in build.log), or a broken cached build
-                cached = os.path.join(out, "onednn_conv_op")
                 if attempt or not os.path.isdir(cached):
                     break
                 print("the cached build does not load: building it again", flush=True)

@@ -296,6 +296,16 @@ def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, mo
 
 
 @pytest.mark.skipif(onednn_conv.load()[0] is None, reason="the operator does not build here")
+def test_a_library_cut_short_is_told_from_a_whole_one(tmp_path):
+    library = os.path.join(os.path.dirname(onednn_conv.load()[0].__file__), "onednn_conv_op.so")
+    assert onednn_conv.whole_library(library)
+    data = open(library, "rb").read()
+    for name, content in (("cut.so", data[:-1]), ("half.so", data[: len(data) // 2]), ("text.so", b"not a library")):
+        (tmp_path / name).write_bytes(content)
+        assert not onednn_conv.whole_library(str(tmp_path / name)), name
+
+
+@pytest.mark.skipif(onednn_conv.load()[0] is None, reason="the operator does not build here")
 def test_a_truncated_library_in_the_cache_is_rebuilt_once(tmp_path):
     cache = tmp_path / "with space"
     built = onednn_conv.build_dir(onednn_conv.find_headers(onednn_conv.library_version()))  # this process's build
@@ -308,7 +318,7 @@ def test_a_truncated_library_in_the_cache_is_rebuilt_once(tmp_path):
                           env=dict(os.environ, ONEDNN_CONV_CACHE=str(cache)))
     assert done.stdout.strip().endswith(", None)"), done.stdout + done.stderr
     assert library.stat().st_size > 100_000
-    assert "building it again" in next(cache.glob("onednn_conv-*/build.log")).read_text()
+    assert "cut short: building it again" in next(cache.glob("onednn_conv-*/build.log")).read_text()
 
 
 # ------------------------------------------------------------------- images as people have them
