@@ -4,29 +4,25 @@
     python bench.py --model resnet20 --mode eval --batch-size 256 --compare ours,paddle.vision,torch
     python bench.py --model resnet20 --batch-size 128 --compare ours,ours+onednn,torch
     python bench.py --model resnet20 --batch-size 128 --compare ours+bf16,torch,torch+bf16 --rounds 3
+    python bench.py --model resnet20 --batch-size 128 --compare torch+compile,torch+compile+bf16
     python bench.py --model resnet18 --mode eval --impl inference     # exported model, paddle.inference
-    python bench.py --pipeline --data-file ../data/cifar-10-python.tar.gz
-    python bench.py --loop --data-file ../data/cifar-10-python.tar.gz --model resnet20 --subset 2560
+    python bench.py --pipeline --data-file cifar-10-python.tar.gz
+    python bench.py --loop --data-file cifar-10-python.tar.gz --model resnet20 --subset 2560
 
 Random input, median of --steps timed steps after --warmup untimed ones (min and max
 too), ms/step and peak memory (CPU: the process's peak RSS; GPU: Paddle's peak
-allocation; the torch row always reports host RSS, so on a GPU its memory is not comparable). --compare runs each implementation in its own process, so thread pools
-and allocators do not interfere, and prints them side by side:
-  ours           models/ in Paddle dygraph, on Paddle's own convolution kernels
-  ours+onednn    the same, its convolutions on the oneDNN operator (onednn_conv/; as training on the CPU)
-  paddle.vision  paddle.vision.models.resnet (its ResNet given our CIFAR stem where asked)
-  inference      ours exported with paddle.jit.save, run by paddle.inference (eval only)
-  torch          the same architecture in PyTorch (optional: pip install torch==2.13.0), NCHW
-  torch+cl       the same in channels_last (model and input), what a tuned PyTorch user picks on a CPU
-  ours+bf16      ours+onednn training in bf16 (--amp --amp-dtype bfloat16 on a CPU with amx_bf16 or avx512_bf16)
-  torch+bf16     torch+cl under torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's own bf16 CPU recipe
---rounds N runs the --compare list N times in turn and ends with each impl's median and
-each impl over every impl listed after it (the median of the per-round ratios).
---pipeline times the input pipeline alone (DataLoader + training transforms on the
-real archive); --loop times one real epoch and reports its wall time over the sum of
-its compute steps (the loop's overhead).
+allocation; the torch rows always report host RSS, so on a GPU their memory is not
+comparable). The first step's time is reported apart: for the torch+compile rows it is
+the compilation (compile_s: the first step less a median one). --compare runs each
+implementation in its own process, so thread pools and allocators do not interfere, and
+prints them side by side; IMPLS below lists them. --rounds N runs the --compare list N
+times in turn and ends with each impl's median and each impl over every impl listed
+after it (the median of the per-round ratios). --pipeline times the input pipeline alone
+(DataLoader + training transforms on the real archive); --loop times one real epoch and
+reports its wall time over the sum of its compute steps (the loop's overhead).
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -36,33 +32,66 @@ import sys
 import tempfile
 import time
 
-import models  # noqa: F401  (CPU settings before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import config
-from config import UserError
+import errors
+import models
+from errors import UserError
 
-IMPLS = ("ours", "ours+onednn", "ours+bf16", "paddle.vision", "inference", "torch", "torch+cl", "torch+bf16")
-# the networks torch_model writes in PyTorch: the ImageNet-family ResNets and the paper's CIFAR ones
-TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One row of the comparison: what it runs, and how."""
+    help: str
+    framework: str = "paddle"   # paddle | torch | inference (ours exported, run by paddle.inference)
+    cpu_kernels: bool = False   # paddle: our CPU kernels (cpu_kernels/), as CPU training runs by default
+    layout: str = "nhwc"        # paddle with cpu_kernels: nhwc | nchw (oneDNN then reorders every activation)
+    bf16: bool = False          # bf16 training: our kernels in bf16, or torch.autocast("cpu", bfloat16)
+    channels_last: bool = False # torch: model and input in channels_last
+    compile: bool = False       # torch: torch.compile (inductor), its compile time reported apart
+    vision: bool = False        # paddle: paddle.vision.models.resnet instead of ours
+
+
+IMPLS = {
+    "ours": Impl("models/ in Paddle dygraph, on Paddle's own kernels"),
+    "ours+onednn": Impl("the same on our CPU kernels (cpu_kernels/), NHWC, fp32: CPU training's default",
+                        cpu_kernels=True),
+    "ours+nchw": Impl("the same with NCHW activations (oneDNN reorders them for every convolution)",
+                      cpu_kernels=True, layout="nchw"),
+    "ours+bf16": Impl("ours+onednn training in bf16 (--amp --amp-dtype bfloat16 on amx_bf16 or avx512_bf16)",
+                      cpu_kernels=True, bf16=True),
+    "paddle.vision": Impl("paddle.vision.models.resnet (given our CIFAR stem where asked)", vision=True),
+    "inference": Impl("ours exported with paddle.jit.save, run by paddle.inference (eval only)",
+                      framework="inference"),
+    "torch": Impl("the same network in PyTorch (torch_twin.py; pip install torch==2.13.0), NCHW",
+                  framework="torch"),
+    "torch+cl": Impl("the same in channels_last (model and input), what a tuned PyTorch user picks on a CPU",
+                     framework="torch", channels_last=True),
+    "torch+bf16": Impl("torch+cl under torch.autocast('cpu', dtype=torch.bfloat16), PyTorch's bf16 CPU recipe",
+                       framework="torch", channels_last=True, bf16=True),
+    "torch+compile": Impl("torch+cl under torch.compile (inductor), fp32", framework="torch",
+                          channels_last=True, compile=True),
+    "torch+compile+bf16": Impl("torch+compile under bf16 autocast", framework="torch", channels_last=True,
+                               bf16=True, compile=True),
+}
 
 
 # ------------------------------------------------------------------ model builders
 def paddle_model(impl, name, stem, num_classes):
+    """The Paddle network ``impl`` (an Impl) times."""
     import paddle.nn as nn
-    if impl in ("ours", "ours+onednn", "ours+bf16"):
+    if not impl.vision:
         model = models.get_model(name, num_classes=num_classes, stem=stem)
-        if impl != "ours":
-            import onednn_conv
-            op, why_not = onednn_conv.load()
+        if impl.cpu_kernels:
+            import cpu_kernels
+            op, why_not = cpu_kernels.load()
             if op is None:
-                raise UserError(f"--impl ours+onednn: {why_not}")
-            if impl == "ours+bf16":
+                raise UserError(f"our CPU kernels cannot be used here: {why_not}")
+            if impl.bf16:
                 import device as devices
                 if devices.cpu_bf16_units(devices.cpu_flags()) is None:
-                    raise UserError("--impl ours+bf16 needs a CPU with amx_bf16 or avx512_bf16")
-            onednn_conv.use_in(model, ops=tuple(os.environ.get("ONEDNN_OPS", "conv,norm,join").split(",")),
-                               layout=os.environ.get("ONEDNN_LAYOUT", "nhwc"),
-                               dtype="bfloat16" if impl == "ours+bf16" else "float32")
+                    raise UserError("bf16 training needs a CPU with amx_bf16 or avx512_bf16")
+            cpu_kernels.use_in(model, dtype="bfloat16" if impl.bf16 else "float32", layout=impl.layout)
         return model
     import paddle.vision.models as pvm
     if not hasattr(pvm, name):
@@ -74,88 +103,18 @@ def paddle_model(impl, name, stem, num_classes):
     return model
 
 
-def torch_model(name, stem, num_classes):
-    """Our architectures in PyTorch, for comparison only (torchvision does not install
-    beside the CPU torch wheel here, and has no CIFAR stem nor the paper's CIFAR nets)."""
-    import torch.nn as tnn
-    import torch.nn.functional as TF
-
-    class Block(tnn.Module):
-        expansion = 1
-
-        def __init__(self, cin, c, stride, shortcut):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(cin, c, 3, stride, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(c)
-            self.conv2 = tnn.Conv2d(c, c, 3, 1, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(c)
-            self.shortcut, self.downsample, self.extra, self.stride = shortcut, None, c - cin, stride
-            if shortcut == "B" and (stride != 1 or cin != c):
-                self.downsample = tnn.Sequential(tnn.Conv2d(cin, c, 1, stride, bias=False), tnn.BatchNorm2d(c))
-
-        def forward(self, x):
-            out = TF.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            if self.downsample is not None:
-                x = self.downsample(x)
-            elif self.shortcut == "A" and (self.stride != 1 or self.extra):
-                x = x[:, :, ::self.stride, ::self.stride]
-                x = TF.pad(x, (0, 0, 0, 0, 0, self.extra))
-            return TF.relu(out + x)
-
-    class Bottleneck(tnn.Module):
-        expansion = 4
-
-        def __init__(self, cin, c, stride, shortcut):
-            super().__init__()
-            self.conv1, self.bn1 = tnn.Conv2d(cin, c, 1, bias=False), tnn.BatchNorm2d(c)
-            self.conv2, self.bn2 = tnn.Conv2d(c, c, 3, stride, 1, bias=False), tnn.BatchNorm2d(c)
-            self.conv3, self.bn3 = tnn.Conv2d(c, 4 * c, 1, bias=False), tnn.BatchNorm2d(4 * c)
-            self.downsample = None
-            if stride != 1 or cin != 4 * c:
-                self.downsample = tnn.Sequential(tnn.Conv2d(cin, 4 * c, 1, stride, bias=False), tnn.BatchNorm2d(4 * c))
-
-        def forward(self, x):
-            out = TF.relu(self.bn1(self.conv1(x)))
-            out = TF.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            return TF.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    class Net(tnn.Module):
-        def __init__(self, block, layers, widths, stem, shortcut):
-            super().__init__()
-            k, s = (3, 1) if stem == "cifar" else (7, 2)
-            self.conv1 = tnn.Conv2d(3, widths[0], k, s, k // 2, bias=False)
-            self.bn1 = tnn.BatchNorm2d(widths[0])
-            self.maxpool = tnn.Identity() if stem == "cifar" else tnn.MaxPool2d(3, 2, 1)
-            blocks, cin = [], widths[0]
-            for i, (n, c) in enumerate(zip(layers, widths)):
-                for j in range(n):
-                    blocks.append(block(cin, c, 2 if i > 0 and j == 0 else 1, shortcut))
-                    cin = c * block.expansion
-            self.blocks = tnn.Sequential(*blocks)
-            self.fc = tnn.Linear(cin, num_classes)
-
-        def forward(self, x):
-            x = self.maxpool(TF.relu(self.bn1(self.conv1(x))))
-            x = self.blocks(x)
-            return self.fc(TF.adaptive_avg_pool2d(x, 1).flatten(1))
-
-    from models.resnet import IMAGENET_LAYERS
-    if name.startswith("resnet") and int(name[6:]) in IMAGENET_LAYERS:
-        block, layers = IMAGENET_LAYERS[int(name[6:])]
-        return Net(Bottleneck if block.expansion == 4 else Block, layers, (64, 128, 256, 512), stem, "B")
-    n = (int(name[6:]) - 2) // 6
-    return Net(Block, (n, n, n), (16, 32, 64), "cifar", "A")
-
-
 # ----------------------------------------------------------------------- timing
 def time_steps(step, steps, warmup, sync=lambda: None):
-    """The seconds of each of ``steps`` timed steps after ``warmup`` untimed ones; the timed
-    steps' minor page faults are left in time_steps.faults."""
-    for _ in range(warmup):
+    """The seconds of each of ``steps`` timed steps after ``warmup`` untimed ones. The first
+    step's seconds (compilation, for a compiled model) are left in time_steps.first, the
+    timed steps' minor page faults in time_steps.faults."""
+    time_steps.first = None
+    for i in range(warmup):
+        t = time.perf_counter()
         step()
-    sync()
+        sync()
+        if i == 0:
+            time_steps.first = time.perf_counter() - t
     times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         t = time.perf_counter()
@@ -166,42 +125,50 @@ def time_steps(step, steps, warmup, sync=lambda: None):
     return times
 
 
-def bench_paddle(args):
+def bench_inference(args):
+    """``inference``: ours exported with paddle.jit.save and run by paddle.inference."""
+    import numpy as np
+    import paddle
+    import device as devices
+    import predictors
+    if args.mode != "eval":
+        raise UserError("--impl inference is evaluation only: add --mode eval")
+    device = devices.select_device(args.device)
+    model = paddle_model(IMPLS["ours"], args.model, args.stem, args.num_classes)
+    model.eval()
+    batch = np.random.RandomState(0).randn(args.batch_size, 3, args.image_size, args.image_size).astype("float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = [paddle.static.InputSpec([None, 3, args.image_size, args.image_size], "float32", "image")]
+        paddle.jit.save(model, os.path.join(tmp, "model"), input_spec=spec)
+        with open(os.path.join(tmp, predictors.META), "w") as f:
+            json.dump(dict(class_names=[str(i) for i in range(args.num_classes)], preprocess={}), f)
+        predictor = predictors.InferenceModelPredictor(tmp, device)
+        return time_steps(lambda: predictor(batch), args.steps, args.warmup), device
+
+
+def bench_paddle(args, impl):
     import numpy as np
     import paddle
     import paddle.nn.functional as F
     import device as devices
-    device = devices.select_device(args.device)
+    device = "cpu" if impl.cpu_kernels else devices.select_device(args.device)  # our kernels are CPU kernels
+    paddle.set_device(device)
     paddle.seed(0)
     shape = [args.batch_size, 3, args.image_size, args.image_size]
     x = paddle.to_tensor(np.random.RandomState(0).randn(*shape).astype("float32"))
     y = paddle.to_tensor(np.random.RandomState(1).randint(0, args.num_classes, args.batch_size).astype("int64"))
     sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
-    if args.impl == "inference":
-        if args.mode != "eval":
-            raise UserError("--impl inference is evaluation only: add --mode eval")
-        import predictors
-        model = paddle_model("ours", args.model, args.stem, args.num_classes)
-        model.eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = [paddle.static.InputSpec([None, 3, args.image_size, args.image_size], "float32", "image")]
-            paddle.jit.save(model, os.path.join(tmp, "model"), input_spec=spec)
-            with open(os.path.join(tmp, predictors.META), "w") as f:
-                json.dump(dict(class_names=[str(i) for i in range(args.num_classes)], preprocess={}), f)
-            predictor = predictors.InferenceModelPredictor(tmp, device)
-            batch = x.numpy()
-            times = time_steps(lambda: predictor(batch), args.steps, args.warmup)
-        return times, device
-    model = paddle_model(args.impl, args.model, args.stem, args.num_classes)
-    if args.to_static:  # backend=None: 3.x would pick CINN on a GPU build (as engine.wrap_for_training)
+    model = paddle_model(impl, args.model, args.stem, args.num_classes)
+    if args.to_static:  # backend=None: 3.x would pick CINN on a GPU build (as train_net.wrap)
         model = paddle.jit.to_static(model, backend=None)
+    autocast = dict(enable=args.amp and device == "gpu", dtype=args.amp_dtype)
     if args.mode == "train":
         model.train()
         opt = paddle.optimizer.Momentum(0.01, momentum=0.9, parameters=model.parameters(), weight_decay=5e-4)
         scaler = paddle.amp.GradScaler(enable=args.amp and args.amp_dtype == "float16")  # as the real loop
 
         def step():
-            with paddle.amp.auto_cast(enable=args.amp and device == "gpu", dtype=args.amp_dtype):
+            with paddle.amp.auto_cast(**autocast):
                 logits = model(x)
             loss = F.cross_entropy(logits.astype("float32"), y)
             scaler.scale(loss).backward()
@@ -213,26 +180,29 @@ def bench_paddle(args):
 
         @paddle.no_grad()
         def step():
-            with paddle.amp.auto_cast(enable=args.amp and device == "gpu", dtype=args.amp_dtype):
+            with paddle.amp.auto_cast(**autocast):
                 model(x)
     return time_steps(step, args.steps, args.warmup, sync), device
 
 
-def bench_torch(args):
+def bench_torch(args, impl):
     try:
         import torch
     except ImportError:
-        raise UserError("--impl torch needs PyTorch, for comparison only: pip install torch==2.13.0")
-    if args.model not in TORCH_MODELS:
-        raise UserError(f"--impl torch has no twin of {args.model}; it has {', '.join(TORCH_MODELS)}")
+        raise UserError("the torch rows need PyTorch, for comparison only: pip install torch==2.13.0")
     import torch.nn.functional as TF
+    import torch_twin
+    if args.model not in torch_twin.MODELS:
+        raise UserError(f"the torch rows have no twin of {args.model}; they have {', '.join(torch_twin.MODELS)}")
     torch.manual_seed(0)
     device = "cuda" if args.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
-    model = torch_model(args.model, args.stem, args.num_classes).to(device)
+    model = torch_twin.build(args.model, args.stem, args.num_classes).to(device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    if args.impl in ("torch+cl", "torch+bf16"):
+    if impl.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    autocast = args.impl == "torch+bf16" or args.amp
+    net = torch.compile(model) if impl.compile else model
+    dtype = torch.bfloat16 if impl.bf16 or args.amp_dtype == "bfloat16" else torch.float16
+    autocast = dict(device_type=device, dtype=dtype, enabled=impl.bf16 or args.amp)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if args.mode == "train":
@@ -240,9 +210,8 @@ def bench_torch(args):
         opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
 
         def step():
-            with torch.autocast(device, dtype=torch.bfloat16 if args.impl == "torch+bf16" else
-                                (torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16), enabled=autocast):
-                logits = model(x)
+            with torch.autocast(**autocast):
+                logits = net(x)
             loss = TF.cross_entropy(logits.float(), y)
             loss.backward()
             opt.step()
@@ -251,9 +220,9 @@ def bench_torch(args):
         model.eval()
 
         def step():
-            with torch.no_grad():
-                model(x)
-    return time_steps(step, args.steps, args.warmup, sync), device
+            with torch.no_grad(), torch.autocast(**autocast):
+                net(x)
+    return time_steps(step, args.steps, max(args.warmup, 1 if impl.compile else 0), sync), device
 
 
 def peak_memory_mb(device):
@@ -272,29 +241,34 @@ def cpu_description():
 
 
 def run_one(args):
-    times, device = bench_torch(args) if args.impl.startswith("torch") else bench_paddle(args)
+    impl = IMPLS[args.impl]
+    run = dict(torch=bench_torch, inference=lambda a, _: bench_inference(a), paddle=bench_paddle)[impl.framework]
+    times, device = run(args, impl)
     med = statistics.median(times)
+    first = time_steps.first
     return dict(impl=args.impl, model=args.model, stem=args.stem, mode=args.mode, batch_size=args.batch_size,
                 image_size=args.image_size, device=device, threads=os.environ.get("OMP_NUM_THREADS"),
                 images_per_s=args.batch_size / med, images_per_s_min=args.batch_size / max(times),
                 images_per_s_max=args.batch_size / min(times), ms_per_step=1000 * med, steps=len(times),
                 page_faults_per_step=round(time_steps.faults / len(times)),
-                keeps_freed_memory=models.KEEPS_FREED_MEMORY,
-                peak_memory_mb=round(peak_memory_mb(device if not args.impl.startswith("torch") else "cpu"), 1),
+                keeps_freed_memory=cpu_settings.KEEPS_FREED_MEMORY,
+                first_step_s=round(first, 3) if first is not None else None,
+                compile_s=round(first - med, 1) if impl.compile and first is not None else None,
+                peak_memory_mb=round(peak_memory_mb(device if impl.framework != "torch" else "cpu"), 1),
                 **cpu_description())
 
 
 def describe(r):
-    return (f"{r['impl']:<14} {r['model']} ({r['stem']}) {r['mode']} batch {r['batch_size']} @{r['image_size']} "
+    compiled = f", compile {r['compile_s']:.0f} s (not in the steps)" if r.get("compile_s") is not None else ""
+    return (f"{r['impl']:<18} {r['model']} ({r['stem']}) {r['mode']} batch {r['batch_size']} @{r['image_size']} "
             f"on {r['device']}: {r['images_per_s']:.1f} img/s (min {r['images_per_s_min']:.1f}, "
-            f"max {r['images_per_s_max']:.1f}), {r['ms_per_step']:.0f} ms/step, {r['page_faults_per_step']} page faults/step, "
-            f"peak memory {r['peak_memory_mb']:.0f} MB")
+            f"max {r['images_per_s_max']:.1f}), {r['ms_per_step']:.0f} ms/step{compiled}, "
+            f"{r['page_faults_per_step']} page faults/step, peak memory {r['peak_memory_mb']:.0f} MB")
 
 
 # ------------------------------------------------------------ pipeline and loop
 def bench_pipeline(args):
     """The input pipeline alone: the training DataLoader over the real archive, no model."""
-    import config
     import data
     cfg = config.make_config(dict(data_file=args.data_file, subset=args.subset, batch_size=args.batch_size,
                                   num_workers=args.num_workers, val_size=args.val_size))
@@ -313,10 +287,10 @@ def bench_loop(args):
     overhead (waiting for data, logging, Python)."""
     import paddle
     import checkpoint
-    import config
     import data
     import device as devices
     import engine
+    import train_net
     cfg = config.make_config(dict(model=args.model, stem=args.stem, data_file=args.data_file, subset=args.subset,
                                   val_size=args.val_size,
                                   batch_size=args.batch_size, num_workers=args.num_workers, epochs=1,
@@ -325,26 +299,26 @@ def bench_loop(args):
     sync = paddle.device.synchronize if device == "gpu" else (lambda: None)
     train = data.load(cfg).splits["train"]
     model = checkpoint.build_model(cfg, 10)
+    train_net.choose_kernels(model, cfg, device)  # as training runs it
     opt, sched = engine.build_optimizer(cfg, model.parameters(), len(train) // cfg.batch_size + 1)
-    compute = []
-    original = model.forward
+    compute, started = [], []
 
-    def timed_forward(x):  # the compute of one step = forward .. optimizer update
+    def forward_starts(layer, inputs):  # the compute of one step = forward .. optimizer update
         sync()
-        timed_forward.t = time.perf_counter()
-        return original(x)
-    model.forward = timed_forward
+        started.append(time.perf_counter())
+    model.register_forward_pre_hook(forward_starts)
     original_clear = opt.clear_grad
 
     def timed_clear(*a, **k):
         sync()
-        compute.append(time.perf_counter() - timed_forward.t)
+        compute.append(time.perf_counter() - started[-1])
         return original_clear(*a, **k)
     opt.clear_grad = timed_clear
-    run, scaler = checkpoint.RunState(), paddle.amp.GradScaler(enable=False)
+    run = checkpoint.RunState()
+    training = engine.Training(cfg, model, opt, sched, paddle.amp.GradScaler(enable=False), run)
     loader = data.TrainBatches(train, cfg).epoch(0)
     start = time.perf_counter()
-    engine.train_one_epoch(model, loader, opt, sched, scaler, cfg, run, 0)
+    engine.train_one_epoch(training, loader, 0)
     sync()
     wall = time.perf_counter() - start
     return dict(kind="loop", model=args.model, images=run.seen, wall_s=wall, compute_s=sum(compute),
@@ -365,7 +339,7 @@ def check_args(args):
         wrong = [i for i in impls if i not in IMPLS]
         if not impls or wrong:
             raise UserError(f"--compare {args.compare!r}: give comma-separated impls of {', '.join(IMPLS)}")
-    bf16 = [i for i in (args.compare.split(",") if args.compare else [args.impl]) if i.endswith("+bf16")]
+    bf16 = [i for i in (args.compare.split(",") if args.compare else [args.impl]) if IMPLS[i].bf16]
     if bf16 and args.mode == "eval":  # model.eval() and torch.no_grad() would time fp32 under a bf16 name
         raise UserError(f"--impl {bf16[0]} times bf16 training; drop it from --mode eval (bf16 inference: "
                         "eval.py --inference --precision bf16)")
@@ -377,12 +351,12 @@ def run_in_process(impl, argv):
     """One --impl run of bench.py in a fresh process: its result, or None after printing
     why it failed. argv: this run's own options without --compare and --rounds."""
     # PyTorch as it runs out of the box: glibc's malloc as it is, OpenMP's own wait policy
-    env = dict(os.environ, RESNET_CPU_TUNING="off") if impl.startswith("torch") else None
+    env = dict(os.environ, RESNET_CPU_TUNING="off") if IMPLS[impl].framework == "torch" else None
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--impl", impl, "--json"],
                           capture_output=True, text=True, env=env)
     line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not line:
-        print(f"{impl:<14} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        print(f"{impl:<18} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         return None
     return json.loads(line[-1])
 
@@ -446,14 +420,14 @@ def describe_rounds(summary):
         return f"  {name:<{width}} {s['median']:.{digits}f}  ({runs})"
     lines = [f"on {summary['cpu']} ({summary['cpu_flags']}), over {summary['rounds']} rounds, "
              "images/s (median; every round):"]
-    lines += [row(impl, s, 14, 1, "failed in every round") for impl, s in summary["images_per_s"].items()]
+    lines += [row(impl, s, 18, 1, "failed in every round") for impl, s in summary["images_per_s"].items()]
     lines.append("ratios (median of the per-round ratios; every round):")
-    lines += [row(pair, s, 28, 2, "no round ran both") for pair, s in summary["ratios"].items()]
+    lines += [row(pair, s, 40, 2, "no round ran both") for pair, s in summary["ratios"].items()]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    with config.user_errors():
+    with errors.user_errors():
         return run(argv)
 
 
@@ -466,7 +440,8 @@ def run(argv=None):
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--mode", choices=["train", "eval"], default="train")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--impl", default="ours", choices=IMPLS)
+    parser.add_argument("--impl", default="ours", choices=list(IMPLS),
+                        help="; ".join(f"{name}: {impl.help}" for name, impl in IMPLS.items()))
     parser.add_argument("--compare", help="comma-separated impls, each timed in its own process")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --compare: run the list this many times in turn, then medians and ratios")

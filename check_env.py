@@ -5,7 +5,7 @@
 
 Prints Paddle's version and build (CUDA, cuDNN, the GPU architectures it carries), each
 visible GPU with its compute capability and memory, the AMP dtypes that will really run
-on it, /dev/shm, CPU threads and which convolution CPU training uses (onednn_conv/). A
+on it, /dev/shm, CPU threads and which kernels CPU training uses (cpu_kernels/). A
 GPU this Paddle cannot use (no kernels for it, e.g. PyPI's paddlepaddle-gpu 2.6.2 on an
 H100) ends with one line naming the fix and exit 1.
 train_cifar10.py and finetune.py run the same check when they pick a GPU.
@@ -13,9 +13,9 @@ train_cifar10.py and finetune.py run the same check when they pick a GPU.
 import argparse
 import sys
 
-import models  # noqa: F401  (CPU settings before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import device as devices
-import onednn_conv
+import cpu_kernels
 
 
 def report(facts):
@@ -35,12 +35,12 @@ def report(facts):
         lines.append(f"/dev/shm: {facts['shm_mb']:,} MB" + (" (small: the DataLoader will use pipes)"
                                                             if facts["shm_mb"] < 512 else ""))
     lines.append(f"CPU threads (OMP_NUM_THREADS): {facts['cpu_threads']}")
-    if facts.get("cpu_conv"):
-        lines.append(f"CPU training convolutions: {facts['cpu_conv']}")
+    if facts.get("cpu_kernels"):
+        lines.append(f"CPU training kernels: {facts['cpu_kernels']}")
     if "cpu_bf16" in facts:
         lines.append("CPU bf16 training (--amp --amp-dtype bfloat16): " + (
-            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] and facts.get("cpu_conv_ok") else
-            "no: it runs on onednn_conv/, which is not available here" if facts["cpu_bf16"] else
+            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] and facts.get("cpu_kernels_ok") else
+            "no: it runs on our CPU kernels (cpu_kernels/), which are not available here" if facts["cpu_bf16"] else
             "no: this CPU has neither amx_bf16 nor avx512_bf16"))
         lines.append("CPU bf16 inference (eval.py --inference --precision bf16): " + (
             f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] else "no: this CPU has neither amx_bf16 nor avx512_bf16"))
@@ -65,9 +65,9 @@ def main(argv=None):
     parser.add_argument("--require-gpu", action="store_true", help="exit 1 when there is no usable GPU")
     args = parser.parse_args(argv)
     facts = devices.gpu_facts(probe=True)
-    op, why_not = onednn_conv.load()
-    facts["cpu_conv"] = "the oneDNN operator (onednn_conv/)" if op else f"Paddle's kernel ({why_not})"
-    facts["cpu_conv_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(devices.cpu_flags())
+    op, why_not = cpu_kernels.load()
+    facts["cpu_kernels"] = "ours (cpu_kernels/)" if op else f"Paddle's ({why_not})"
+    facts["cpu_kernels_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(devices.cpu_flags())
     print("\n".join(report(facts)))
     status, last = verdict(facts, args.require_gpu)
     if status:

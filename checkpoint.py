@@ -18,8 +18,9 @@ import paddle
 
 import config
 import files
+import metrics
 import models
-from config import UserError
+from errors import UserError
 from files import replacing
 
 LAST, BEST, RESULTS = "last.pdckpt", "best.pdckpt", "results.yaml"
@@ -327,6 +328,26 @@ def check_same_world(state, world_size, run_dir):
                     f"this is {world_size}; another count would change the global batch ({saved} x "
                     f"{state['config']['batch_size']}), the learning rate with --scale-lr and the schedule: "
                     f"resume it the same way ({how}), or start a new run")
+
+
+def check_same_classes(state, class_names, cfg):
+    """A resumed run trains on the classes it started with: a data folder whose classes
+    differ would continue training under the old names (a silent relabel)."""
+    saved = list(state["class_names"])
+    if saved != list(class_names):
+        where = f"--data-dir {cfg.data_dir}" if getattr(cfg, "data_dir", "") else "the data"
+        raise UserError(f"{where} has the classes {', '.join(class_names)}, the run was trained on "
+                        f"{', '.join(saved)}; --resume cannot change the classes: point --data-dir at the run's "
+                        "images, or start a new run")
+
+
+def repair_record(cfg, state, run):
+    """What a kill at any instant may have left half-done, made consistent with the last
+    checkpoint: BEST (repair_run), metrics.csv and curves.png rewritten from its
+    history (results.yaml cannot be stale: checkpoint.save_run removes it first)."""
+    repair_run(cfg.output_dir, state)
+    if run.history:
+        metrics.write_record(cfg, run.history)
 
 
 def restore_run(state, cfg, model, opt, sched, scaler):

@@ -4,18 +4,17 @@ Every key of ``TrainConfig`` is a command-line option (``batch_size`` -> ``--bat
 values are parsed as YAML scalars (``--lr 0.05``, ``--milestones [32000,48000]``,
 ``--amp`` alone means true) and type-checked. A typo in a key lists the valid keys.
 """
-import contextlib
+import argparse
 import dataclasses
 import inspect
 import os
 import re
 import shlex
-import signal
-import sys
-import threading
 import typing
 
 import yaml
+
+from errors import UserError
 
 
 @dataclasses.dataclass
@@ -60,7 +59,7 @@ class TrainConfig:
     amp_dtype: str = "float16"       # float16 | bfloat16
     amp_level: str = "O1"            # O1: per-op casts | O2: fp16/bf16 weights with fp32 master copies
     to_static: bool = False          # compile the model with paddle.jit.to_static
-    conv: str = "onednn"             # CPU training: onednn (onednn_conv/, when it builds here; else Paddle's, said) | paddle
+    cpu_kernels: str = "ours"        # CPU training: ours (cpu_kernels/, when they build here; else Paddle's, said) | paddle
     deterministic: bool = False      # GPU: cuDNN's deterministic algorithms (bit-exact resume; slower). The CPU always is
     output_dir: str = "runs/cifar10" # where the run writes its checkpoints, metrics and plots
     log_every: int = 50              # iterations between progress lines
@@ -84,7 +83,7 @@ class FinetuneConfig(TrainConfig):
 
 CHOICES = dict(dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("auto", "cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
                augment=("crop_flip", "flip", "flip_color", "none"), normalize=("dataset", "cifar10", "cifar100", "imagenet"), device=("auto", "cpu", "gpu"),
-               amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), conv=("onednn", "paddle"))
+               amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), cpu_kernels=("ours", "paddle"))
 
 
 # The range of every number (test, what the error says it must be), checked where a config is made.
@@ -111,57 +110,23 @@ LIMITS = dict(
 # them, and the log says so. Anything else (the model, the data, the batch, the optimizer,
 # AMP) would make the checkpoint's state mean something else: refused.
 RESUME_FREE = ("num_workers", "log_every", "device", "data_file", "data_dir", "output_dir", "deterministic",
-               "to_static", "visualdl", "conv")
+               "to_static", "visualdl", "cpu_kernels")
 RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters")
 
 
-class UserError(Exception):
-    """Anything a user can fix (an option, a path, the data, a checkpoint): the message is
-    one line naming the problem and the fix. Every script prints it as ``error: ...``."""
+# Keys renamed since: (the new key, {old value: new value}). Old recipes, command lines and
+# checkpoints keep working: --conv onednn is --cpu-kernels ours.
+RENAMED = dict(conv=("cpu_kernels", {"onednn": "ours", "paddle": "paddle"}))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, Slurm, docker stop), handled as Ctrl-C is."""
-
-
-def terminate(signum, frame):
-    raise Terminated()
-
-
-def stop_code(stop):
-    """The exit status of a run stopped by ``stop``: 143 for SIGTERM, 130 for Ctrl-C, as a shell gives."""
-    return 143 if isinstance(stop, Terminated) else 130
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Every script's body runs in this: a UserError is one ``error: ...`` line and exit
-    status 1, Ctrl-C or SIGTERM one line and 130/143 (the training loop says what it
-    saved before this), a closed stdout (``| head``) a quiet end, no traceback for any."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
-    try:
-        yield
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as stop:
-        print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: nothing was saved",
-              file=sys.stderr, flush=True)
-        sys.exit(stop_code(stop))
-    except BrokenPipeError:  # the reader of our output went away: end quietly, as `cat` would
-        quiet_stdout()
-        sys.exit(141)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def quiet_stdout():
-    """Point stdout at /dev/null (it is a closed pipe): later prints and the interpreter's
-    final flush then go nowhere instead of raising BrokenPipeError."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+def renamed(values):
+    """``values`` with the keys of RENAMED under their new names and values."""
+    out = dict(values)
+    for old, (new, meaning) in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, meaning.get(value, value))
+    return out
 
 
 def _check(name, value, typ):
@@ -194,6 +159,7 @@ def make_config(values, base=None, cls=None):
     """A config from ``base`` (defaults if None) with ``values`` (a dict) applied and checked."""
     cls = cls or (type(base) if base is not None else TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = renamed(values)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
@@ -276,6 +242,8 @@ def add_config_arguments(parser, cls=TrainConfig):
         metavar = metavar if metavar != "{}" else f.name.upper()
         group.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=metavar,
                            help=f"{comments.get(f.name, '')} (default {default!r})".lstrip(), **extra)
+    for old in RENAMED:  # still taken, not listed
+        group.add_argument("--" + old.replace("_", "-"), dest=f"cfg_{old}", default=None, help=argparse.SUPPRESS)
 
 
 def cli_overrides(args, cls=TrainConfig):
@@ -291,7 +259,10 @@ def cli_overrides(args, cls=TrainConfig):
                 out[f.name] = yaml.safe_load(raw)
             except yaml.YAMLError:
                 out[f.name] = raw
-    return out
+    for old in RENAMED:
+        if getattr(args, f"cfg_{old}", None) is not None:
+            out[old] = getattr(args, f"cfg_{old}")
+    return renamed(out)
 
 
 def add_run_arguments(parser, cls, depths):

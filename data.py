@@ -23,7 +23,7 @@ import paddle
 import paddle.vision.transforms as T
 
 import files
-from config import UserError
+from errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")

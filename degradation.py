@@ -1,6 +1,6 @@
 """The degradation study (He et al. 2015, Fig. 1 and Fig. 6) in one command.
 
-    python degradation.py --data-file ../data/cifar-10-python.tar.gz --subset 10000 --epochs 10
+    python degradation.py --data-file cifar-10-python.tar.gz --subset 10000 --epochs 10
     python degradation.py ... --seeds 0,1,2        # every network with three seeds: mean and spread
 
 Trains plain-20, plain-56, ResNet-20 and ResNet-56 with one shared recipe (the
@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import numpy as np
 import yaml
 
@@ -30,6 +30,8 @@ import checkpoint
 import config
 import data
 import engine
+import models
+import errors
 import files
 import plots
 
@@ -56,7 +58,7 @@ def train(net, seed, args, loaded):
     if resume is not None:
         changed = recipe_changes(resume["config"], cfg)
         if changed:
-            raise config.UserError(f"{cfg.output_dir} holds a run of another recipe ({changed}); use another "
+            raise errors.UserError(f"{cfg.output_dir} holds a run of another recipe ({changed}); use another "
                                    "--output-dir, or the budget it was run with")
     if resume is not None and os.path.exists(done):
         engine.log(f"{net} seed {seed}: finished before, reusing {done}")
@@ -114,18 +116,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     nets = [n for n in args.nets.split(",") if n]
     rows, histories = [], {}
-    with config.user_errors():
+    with errors.user_errors():
         if not nets:
-            raise config.UserError("--nets is empty; give comma-separated factory names, e.g. plain20,resnet20")
+            raise errors.UserError("--nets is empty; give comma-separated factory names, e.g. plain20,resnet20")
         unknown = [n for n in nets if n not in models.MODELS]
         if unknown:
-            raise config.UserError(f"--nets: unknown network(s) {', '.join(unknown)}; valid: {', '.join(models.MODELS)}")
+            raise errors.UserError(f"--nets: unknown network(s) {', '.join(unknown)}; valid: {', '.join(models.MODELS)}")
         try:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
         except ValueError:
             seeds = []
         if not seeds:
-            raise config.UserError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+            raise errors.UserError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
         recipe(nets[0], seeds[0], args, 1)  # its keys are checked before the data is read
         split = config.make_config(dict(data_file=args.data_file, subset=args.subset, val_size=args.val_size,
                                         augment="crop_flip"))

@@ -10,7 +10,7 @@ import shutil
 
 import paddle
 
-from config import UserError
+from errors import UserError
 
 # Paddle's auto_cast and decorate turn themselves off, with only a warning, below these
 # compute capabilities, and the run trains in fp32 (python/paddle/amp/auto_cast.py).
@@ -148,7 +148,7 @@ def cpu_bf16_units(flags):
 
 
 def cpu_amp_plan(cfg, flags):
-    """``--amp`` on the CPU: bf16 O1 on onednn_conv/'s operators, where the CPU has bf16
+    """``--amp`` on the CPU: bf16 O1 on our CPU kernels (cpu_kernels/), where the CPU has bf16
     units (Paddle's own CPU kernels have no bf16 training path). Returns the units."""
     if cfg.amp_dtype != "bfloat16":
         raise UserError("--amp-dtype float16 needs a GPU; a CPU trains in bf16 where it has bf16 units: "
@@ -160,8 +160,9 @@ def cpu_amp_plan(cfg, flags):
     if cfg.amp_level != "O1":
         raise UserError("--amp-level O2 is for GPUs; on the CPU bf16 runs as O1 (fp32 weights, bf16 compute): "
                         "drop --amp-level O2")
-    if cfg.conv != "onednn" or cfg.to_static:
-        raise UserError("bf16 on the CPU runs on onednn_conv/'s operators: drop --conv paddle and --to-static")
+    if cfg.cpu_kernels != "ours" or cfg.to_static:
+        raise UserError("bf16 on the CPU runs on our CPU kernels (cpu_kernels/): drop --cpu-kernels paddle and "
+                        "--to-static")
     return units
 
 

@@ -1,9 +1,9 @@
 """The training loop shared by train_cifar10.py, finetune.py and degradation.py.
 
-Read top to bottom: launch (one process, or several under paddle.distributed.launch),
-optimizer and schedule, one training epoch, evaluation, and ``fit``: set up, restore,
-wrap for training, loop over epochs, report. What a run saves is in checkpoint.py,
-how batches are made in data.py, the options in config.py.
+Read top to bottom: optimizer and schedule, the run's record (``Training``), one training
+epoch, evaluation, and ``fit``: set up, restore, loop over epochs, report. The network as
+it trains is train_net.py's, what a run saves checkpoint.py's, how batches are made
+data.py's, what it prints progress.py's, the options config.py's.
 """
 import dataclasses
 import os
@@ -17,28 +17,23 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+import cpu_settings
 import checkpoint
 import config
 import data
 import device as devices
+import errors
 import files
 import launch
 import metrics
-import models
-import onednn_conv
+import progress
+import train_net
 from checkpoint import as_number
-from config import UserError
+from errors import UserError
+from progress import log
 
 # Paddle's BatchNorm warns on every call in training mode that it tracks statistics
 warnings.filterwarnings("ignore", message="When training, we now always track")
-
-
-def log(*args):
-    if launch.rank() == 0:  # under launch, only rank 0 prints
-        try:
-            print(*args, flush=True)  # flush: progress must reach logs under nohup/CI at once
-        except BrokenPipeError:  # `train_cifar10.py | head` closed our stdout: train on, say nothing
-            config.quiet_stdout()
 
 
 # ------------------------------------------------------------- optimizer, schedule
@@ -70,42 +65,56 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
 
 
 # ------------------------------------------------------------------------ one epoch
-def train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, epoch, board=None, world=1, estimate=None):
-    """Train over ``loader``, adding to ``run`` (a checkpoint.RunState) the epoch's running
-    sums and position, so that an epoch resumed after Ctrl-C adds up the same.
-    ``scaler``: a GradScaler, a pass-through when disabled (no fp16). ``board``: a
-    VisualDL LogWriter or None. ``world``: the number of ranks (they stop together).
-    ``estimate``: a RunEstimate, told of every step."""
-    train_net.train()
+@dataclasses.dataclass
+class Training:
+    """What lives for the whole run beside the model it saves: the config, the network as
+    it trains (train_net.wrap), the optimizer, its schedule and loss scaler (a pass-through
+    unless fp16), the progress (a checkpoint.RunState: saved in every checkpoint, so an
+    epoch resumed after Ctrl-C adds up the same), the number of ranks (they stop
+    together), a VisualDL writer or None, and the time estimate (progress.RunEstimate)."""
+    cfg: object
+    net: object
+    opt: object
+    sched: object
+    scaler: object
+    run: object
+    world: int = 1
+    board: object = None
+    estimate: object = None
+
+
+def train_one_epoch(training, loader, epoch):
+    """Train ``training.net`` over ``loader``, adding the epoch's running sums and position
+    to ``training.run``."""
+    t, run, cfg = training, training.run, training.cfg
+    t.net.train()
     steps = run.step + len(loader)  # this epoch's batches, the ones done before a resume included
-    t0, seen0, step0 = time.time(), run.seen, run.step
-    autocast = cfg.amp and not paddle.get_device().startswith("cpu")  # on the CPU bf16 is onednn_conv/'s
+    since = (time.time(), run.seen, run.step)
+    autocast = cfg.amp and not paddle.get_device().startswith("cpu")  # on the CPU bf16 is cpu_kernels/'
     for images, labels in loader:
         with paddle.amp.auto_cast(enable=autocast, level=cfg.amp_level, dtype=cfg.amp_dtype):
-            logits = train_net(images)
+            logits = t.net(images)
         loss = loss_of(logits, labels, cfg.label_smoothing)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.clear_grad()
-        sched.step()
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.opt.clear_grad()
+        t.sched.step()
         n = labels.shape[0]
         # summed on the device in fp32, read (a device sync) only every --log-every steps:
         # on 3.x nothing else syncs a fp32 or bf16 step; fp16's GradScaler does (`if found_inf`)
-        add_step_loss(run, loss.detach() * n, skip_overflow=scaler.is_enable())
+        add_step_loss(run, loss.detach() * n, skip_overflow=t.scaler.is_enable())
         run.correct = run.correct + (logits.argmax(-1) == labels.reshape([-1])).astype("int64").sum()
         run.seen, run.step, run.iteration = run.seen + n, run.step + 1, run.iteration + 1
-        if estimate is not None:
-            estimate.step(run.iteration)
+        if t.estimate is not None:
+            t.estimate.step(run.iteration)
         if run.step % cfg.log_every == 0 or run.step == steps:
-            check_finite(run, epoch, cfg, world=world)
-            elapsed = time.time() - t0
-            rate = (run.seen - seen0) / elapsed if elapsed > 0 else float("nan")
-            eta = elapsed / max(run.step - step0, 1) * (steps - run.step)
-            loss, acc = as_number(run.loss_sum) / run.seen, as_number(run.correct) / run.seen
-            log(f"epoch {epoch + 1} step {run.step}/{steps} loss {loss:.4f} acc {acc:.4f} {rate:.1f} img/s "
-                f"eta {format_seconds(eta)}")
-            metrics.write_scalars(board, "step", dict(train_loss=loss, train_acc=acc, lr=opt.get_lr()), run.iteration)
+            check_finite(run, epoch, cfg, world=t.world)
+            elapsed = time.time() - since[0]
+            loss, acc = progress.log_step(run, epoch, steps, since,
+                                          (run.seen - since[1]) / elapsed if elapsed > 0 else float("nan"))
+            metrics.write_scalars(t.board, "step", dict(train_loss=loss, train_acc=acc, lr=t.opt.get_lr()),
+                                  run.iteration)
         if cfg.max_iters and run.iteration >= cfg.max_iters:
             break
 
@@ -158,40 +167,6 @@ def loss_of(logits, labels, label_smoothing=0.0):
     return F.cross_entropy(logits.astype("float32"), labels, label_smoothing=label_smoothing)
 
 
-class RunEstimate:
-    """After the first steps of a run (or of a resume), one line: how long its training
-    steps will take on this machine. The first SKIP steps (oneDNN primitives, DataLoader
-    workers starting) are left out; the next MEASURE steps are timed."""
-    SKIP, MEASURE = 2, 10
-
-    def __init__(self, total_iterations, start_iteration):
-        self.total, self.start, self.t0 = total_iterations, start_iteration, None
-
-    def step(self, iteration):
-        done = iteration - self.start
-        if done == self.SKIP:
-            self.t0 = time.time()
-        elif done == self.SKIP + self.MEASURE and self.t0 is not None:
-            left = (time.time() - self.t0) / self.MEASURE * (self.total - iteration)
-            log(f"the run's {self.total - iteration:,} remaining training steps: about {rough_duration(left)} on "
-                f"this machine (from steps {self.start + self.SKIP + 1}-{iteration}; validation adds to it)")
-
-
-def rough_duration(s):
-    """'about 40 s', '12 min', '8 h 40 min': what a reader needs to decide whether to wait."""
-    if s < 60:
-        return f"{max(10, round(s, -1)):.0f} s"
-    if s < 3600:
-        return f"{round(s / 60):.0f} min"
-    hours, minutes = divmod(round(s / 600) * 10, 60)
-    return f"{hours:.0f} h {minutes:.0f} min" if minutes else f"{hours:.0f} h"
-
-
-def format_seconds(s):
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # --------------------------------------------------------------------------- evaluate
 @paddle.no_grad()
 def evaluate(model, loader, num_classes, world_size=1):
@@ -242,68 +217,94 @@ def fit(cfg, loaded, resume_state=None, model=None, parameters=None):
 
 
 def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model, parameters):
-    """fit's body, in the locked run directory: set up, restore, wrap for training, loop over epochs, report."""
-    # set up
-    out, datasets, class_names = cfg.output_dir, loaded.splits, loaded.classes
-    extra_state = dict(preprocess=loaded.preprocess)
+    """fit's body, in the locked run directory: set up and restore, loop over epochs, report."""
+    model, training, batches, kernels = prepare(cfg, loaded, device, world, rank, plan, resume_state, model,
+                                                parameters)
+    run, out, num_classes = training.run, cfg.output_dir, len(loaded.classes)
+    run_start = time.time()
+    epochs_now = train_epochs(training, model, batches, loaded, rank)
+    done = f"training done in {progress.format_seconds(time.time() - run_start)}"
+    if epochs_now < len(run.history):  # resumed: say what the whole run took too
+        done += f" (this session; its {len(run.history)} epochs took {progress.format_seconds(epochs_time(run))} in all)"
+    log(done)
+    if world > 1:
+        log_replicas(model, world)
+    try:
+        return final_report(cfg, train_net.model_for_eval(model, cfg, num_classes), loaded.splits.get("test"),
+                            num_classes, run, world, rank, evidence(cfg, device, world, kernels))
+    except KeyboardInterrupt as stop:
+        log(f"\n{'terminated' if isinstance(stop, errors.Terminated) else 'interrupted'} during the final report: "
+            f"the training is finished and saved in {os.path.join(out, checkpoint.LAST)}; "
+            f"--resume {out} writes the report")
+        sys.exit(errors.stop_code(stop))
+
+
+def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, parameters):
+    """(model, Training, data.TrainBatches, which CPU kernels): the model (``model`` stays the
+    plain network, checkpoints are written from it), the optimizer and schedule, restored
+    from ``resume_state`` when resuming, the network wrapped for training."""
     board = metrics.visualdl_writer(cfg, rank)  # before anything is written: a missing VisualDL stops here
     seed_everything(cfg.seed)  # the model's initial weights
-    model = model if model is not None else checkpoint.build_model(cfg, len(class_names))
+    model = model if model is not None else checkpoint.build_model(cfg, len(loaded.classes))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
-    train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
-    batches = data.TrainBatches(train_set, cfg, world, rank)
+    batches = data.TrainBatches(loaded.splits["train"], cfg, world, rank)
     opt, sched = build_optimizer(cfg, parameters, batches.per_epoch, lr_scale=world if cfg.scale_lr else 1)
     scaler = paddle.amp.GradScaler(enable=plan["loss_scaling"])
-    # restore
     run = checkpoint.RunState()
     if resume_state is not None:
-        check_same_classes(resume_state, class_names, cfg)
-        checkpoint.check_same_world(resume_state, world, out)
+        checkpoint.check_same_classes(resume_state, loaded.classes, cfg)
+        checkpoint.check_same_world(resume_state, world, cfg.output_dir)
         run = checkpoint.restore_run(resume_state, cfg, model, opt, sched, scaler)
         if rank == 0:
-            repair_record(cfg, resume_state, run)
-        log_resumed(cfg, run, sched, batches.per_epoch)
-    # wrap for training: ``model`` stays the plain network, checkpoints are written from it
-    conv = choose_conv(model, cfg, device, plan)
-    train_net, opt = wrap_for_training(model, opt, cfg, world)
+            checkpoint.repair_record(cfg, resume_state, run)
+        progress.log_resumed(cfg, run, sched, total_iterations(cfg, batches.per_epoch))
+    kernels = train_net.choose_kernels(model, cfg, device, plan)
+    net, opt = train_net.wrap(model, opt, cfg, world)
     if rank == 0:
-        files.write_yaml(os.path.join(out, "config.yaml"), config.to_dict(cfg))
-    log_start(cfg, parameters, device, world, datasets, batches.per_epoch, opt)
-    val_loader = eval_loader(cfg, val_set, world, rank)
+        files.write_yaml(os.path.join(cfg.output_dir, "config.yaml"), config.to_dict(cfg))
+    progress.log_start(cfg, sum(int(np.prod(p.shape)) for p in parameters), device, world, loaded.splits,
+                       batches.per_epoch, opt.get_lr())
+    estimate = progress.RunEstimate(total_iterations(cfg, batches.per_epoch), run.iteration)
+    return model, Training(cfg, net, opt, sched, scaler, run, world, board, estimate), batches, kernels
+
+
+def train_epochs(training, model, batches, loaded, rank):
+    """The epochs left, each validated, saved and logged; Ctrl-C or SIGTERM saves the
+    position inside the epoch and exits. Returns how many epochs this session trained."""
+    t, run, cfg, out = training, training.run, training.cfg, training.cfg.output_dir
+    num_classes = len(loaded.classes)
+    val_loader = eval_loader(cfg, loaded.splits.get("val"), t.world, rank)
 
     def save(improved=False):
         if rank == 0:
-            state = checkpoint.run_state(run, model, opt, sched, scaler, cfg, class_names, extra_state, world)
+            state = checkpoint.run_state(run, model, t.opt, t.sched, t.scaler, cfg, loaded.classes,
+                                         dict(preprocess=loaded.preprocess), t.world)
             checkpoint.save_run(out, state, improved)
-    # loop over epochs
-    run_start, epoch_times = time.time(), []
-    estimate = RunEstimate(total_iterations(cfg, batches.per_epoch), run.iteration)
-    previous = signal.signal(signal.SIGTERM, config.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
+    epoch_times = []
+    previous = signal.signal(signal.SIGTERM, errors.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
     try:
         for epoch in range(run.epoch, cfg.epochs):
             if cfg.max_iters and run.iteration >= cfg.max_iters:
                 break
             t0 = time.time()
-            train_one_epoch(train_net, batches.epoch(epoch, run.step), opt, sched, scaler, cfg, run, epoch, board,
-                            world, estimate)
-            check_finite(run, epoch, cfg, model, world)
-            launch.average_bn_statistics(model, world)  # one model on every rank, the one saved
+            train_one_epoch(t, batches.epoch(epoch, run.step), epoch)
+            check_finite(run, epoch, cfg, model, t.world)
+            launch.average_bn_statistics(model, t.world)  # one model on every rank, the one saved
             # end of epoch: validation, checkpoints, metrics
-            row = epoch_row(run, epoch, opt, world, time.time() - t0)
+            row = epoch_row(run, epoch, t.opt, t.world, time.time() - t0)
             if val_loader is not None:
-                v = evaluate(model_for_eval(model, cfg, len(class_names)), val_loader, len(class_names), world)
+                v = evaluate(train_net.model_for_eval(model, cfg, num_classes), val_loader, num_classes, t.world)
                 row.update(val_loss=v["loss"], val_acc=v["top1"])
             row["epoch_time_s"] = time.time() - t0
-            improved = run.end_epoch(row)
-            save(improved)
+            save(run.end_epoch(row))
             if rank == 0:
-                metrics.record_epoch(cfg, run.history, board)
+                metrics.record_epoch(cfg, run.history, t.board)
             epoch_times.append(row["epoch_time_s"])
-            log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
+            progress.log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
     except KeyboardInterrupt as stop:
         ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not break the save below
         # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
-        if run.step > 0 and world == 1 and np.isfinite(as_number(run.loss_sum)):
+        if run.step > 0 and t.world == 1 and np.isfinite(as_number(run.loss_sum)):
             save()
         exit_stopped(stop, out)
     except MemoryError:
@@ -312,23 +313,9 @@ def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model
                         f"--resume cannot change the batch: start a new run)" if run.epoch else ""))
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        if board is not None:
-            board.close()
-    # report
-    done = f"training done in {format_seconds(time.time() - run_start)}"
-    if len(epoch_times) < len(run.history):  # resumed: say what the whole run took too
-        done += f" (this session; its {len(run.history)} epochs took {format_seconds(epochs_time(run))} in all)"
-    log(done)
-    if world > 1:
-        log_replicas(model, world)
-    try:
-        return final_report(cfg, model_for_eval(model, cfg, len(class_names)), test_set, len(class_names), run,
-                            world, rank, evidence(cfg, device, world, conv))
-    except KeyboardInterrupt as stop:
-        log(f"\n{'terminated' if isinstance(stop, config.Terminated) else 'interrupted'} during the final report: "
-            f"the training is finished and saved in {os.path.join(out, checkpoint.LAST)}; "
-            f"--resume {out} writes the report")
-        sys.exit(config.stop_code(stop))
+        if t.board is not None:
+            t.board.close()
+    return len(epoch_times)
 
 
 def set_up(cfg):
@@ -342,7 +329,7 @@ def set_up(cfg):
     plan = devices.training_plan(cfg, paddle.__version__, device, cap, world, devices.cpu_flags())
     if plan["cudnn_deterministic"]:
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
-    if device == "cpu" and models.KEEPS_FREED_MEMORY:
+    if device == "cpu" and cpu_settings.KEEPS_FREED_MEMORY:
         log("memory: freed memory stays in this process for the next step (no page faults; RESNET_CPU_TUNING=off "
             "gives it back and lets idle threads spin)")
     if data.shm_too_small(cfg.num_workers):
@@ -350,46 +337,18 @@ def set_up(cfg):
     return device, world, rank, plan
 
 
-def log_resumed(cfg, run, sched, iters_per_epoch):
-    log(f"resumed from {cfg.output_dir} at epoch {run.epoch + 1}" + (f", step {run.step}" if run.step else ""))
-    if run.replanned:
-        keys = ", ".join(f"{k} {getattr(cfg, k)}" for k in run.replanned)
-        log(f"the LR schedule is planned again for {keys} ({total_iterations(cfg, iters_per_epoch)} iterations "
-            f"in all), as if the run had started with it: lr {sched.get_lr():.5g} at iteration {run.iteration}")
-
-
 def exit_stopped(stop, out):
     """After Ctrl-C or SIGTERM: say where the checkpoint is, exit 130 (143 for SIGTERM)."""
     where = os.path.join(out, checkpoint.LAST)
-    how = "terminated" if isinstance(stop, config.Terminated) else "interrupted"
+    how = "terminated" if isinstance(stop, errors.Terminated) else "interrupted"
     log(f"\n{how}: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
         else f"\n{how} before the first step: nothing saved yet")
-    sys.exit(config.stop_code(stop))
+    sys.exit(errors.stop_code(stop))
 
 
 def ignore_stop_signals():
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def check_same_classes(state, class_names, cfg):
-    """A resumed run trains on the classes it started with: a data folder whose classes
-    differ would continue training under the old names (a silent relabel)."""
-    saved = list(state["class_names"])
-    if saved != list(class_names):
-        where = f"--data-dir {cfg.data_dir}" if getattr(cfg, "data_dir", "") else "the data"
-        raise UserError(f"{where} has the classes {', '.join(class_names)}, the run was trained on "
-                        f"{', '.join(saved)}; --resume cannot change the classes: point --data-dir at the run's "
-                        "images, or start a new run")
-
-
-def repair_record(cfg, state, run):
-    """What a kill at any instant may have left half-done, made consistent with the last
-    checkpoint: BEST (checkpoint.repair_run), metrics.csv and curves.png rewritten from its
-    history (results.yaml cannot be stale: checkpoint.save_run removes it first)."""
-    checkpoint.repair_run(cfg.output_dir, state)
-    if run.history:
-        metrics.write_record(cfg, run.history)
 
 
 def log_replicas(model, world):
@@ -400,9 +359,9 @@ def log_replicas(model, world):
     dist.barrier()  # rank 0's best checkpoint is on disk before anyone reads it
 
 
-def evidence(cfg, device, world, conv="paddle"):
-    """What a result rests on (airbench's habit): Paddle version, device, convolutions, seed, command."""
-    return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}", conv=conv,
+def evidence(cfg, device, world, kernels="paddle"):
+    """What a result rests on (airbench's habit): Paddle version, device, CPU kernels, seed, command."""
+    return dict(paddle_version=paddle.__version__, device=f"{devices.describe(device)} x {world}", cpu_kernels=kernels,
                 seed=cfg.seed, command=command_of(cfg))
 
 
@@ -421,86 +380,11 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def wrap_for_training(model, opt, cfg, world):
-    """(train_net, optimizer): ``model`` as training runs it (SyncBN, AMP O2, to_static,
-    DataParallel). The wrappers keep the same parameter objects, so the optimizer and
-    the checkpoints (written from ``model``, without a wrapper prefix) are unchanged."""
-    train_net = model
-    if world > 1 and cfg.sync_bn:
-        train_net = convert_sync_bn(train_net)
-    if cfg.amp and cfg.amp_level == "O2":  # low-precision weights, fp32 master weights in the optimizer
-        train_net, opt = paddle.amp.decorate(models=train_net, optimizers=opt, level="O2", dtype=cfg.amp_dtype,
-                                             save_dtype="float32")
-    if cfg.to_static:  # backend=None: 3.x would pick CINN on a GPU build, a path our tests never run
-        train_net = paddle.jit.to_static(train_net, backend=None)
-    if world > 1:
-        train_net = paddle.DataParallel(train_net)  # broadcasts rank 0's weights, all-reduces gradients
-    return train_net, opt
-
-
-def choose_conv(model, cfg, device, plan=None):
-    """The switch to onednn_conv/'s operators: on the CPU, with --conv onednn, the model
-    trains on them when they build and pass their self-check here (in bf16 when the plan
-    says so); otherwise on Paddle's kernels, and the log says why. Returns which is used."""
-    bf16 = (plan or {}).get("cpu_bf16")
-    if cfg.conv != "onednn" or device != "cpu":
-        return "paddle"
-    if cfg.to_static:  # dy2static cannot trace a forward replaced on an instance
-        log("notice: convolutions on Paddle's kernel (--to-static compiles Paddle's conv2d; the oneDNN operator is for dygraph)")
-        return "paddle"
-    op, why_not = onednn_conv.load()
-    if op is None and bf16:
-        raise UserError(f"--amp --amp-dtype bfloat16 on the CPU runs on onednn_conv/'s operators, which cannot be "
-                        f"used here ({why_not}); drop --amp")
-    if op is None:
-        log(f"notice: convolutions on Paddle's kernel ({why_not})")
-        return "paddle"
-    n = onednn_conv.use_in(model, dtype="bfloat16" if bf16 else "float32")
-    if bf16:
-        log(f"mixed precision: bf16 on {bf16} (activations and their gradients bf16; weights, their gradients, "
-            "BatchNorm statistics and the loss fp32; evaluation fp32)")
-    log(f"convolutions: {n['conv']} layers on the oneDNN operator, BatchNorm(+ReLU): {n['norm']}, residual joins: "
-        f"{n['join']} (onednn_conv/; --conv paddle for Paddle's)")
-    return "onednn"
-
-
-def convert_sync_bn(layer):
-    """SyncBatchNorm for the trainable BatchNorm layers of ``layer``, in place. Frozen ones
-    (``_use_global_stats``, finetune.py's last/head) stay as they are: Paddle's conversion
-    drops that flag and SyncBatchNorm always uses batch statistics (GPU audit #4)."""
-    for name, child in layer.named_children():
-        if isinstance(child, paddle.nn.layer.norm._BatchNormBase):
-            if not child._use_global_stats:
-                setattr(layer, name, paddle.nn.SyncBatchNorm.convert_sync_batchnorm(child))
-        else:
-            convert_sync_bn(child)
-    return layer
-
-
-def model_for_eval(model, cfg, num_classes):
-    """``model`` in fp32 for evaluation. Under AMP O2 the model's own weights are fp16/bf16
-    (decorate casts in place) and take no fp32 input: evaluate a fresh fp32 copy made from
-    the state dict cast to fp32 (GPU audit #1, #3; audit 2, N12)."""
-    if not (cfg.amp and cfg.amp_level == "O2"):
-        return model
-    fresh = checkpoint.build_model(cfg, num_classes)
-    fresh.set_state_dict(checkpoint.fp32_state_dict(model))
-    return fresh
-
-
 def eval_loader(cfg, dataset, world=1, rank=0):
     """This rank's evaluation loader for ``dataset``, or None when it is missing or empty."""
     if dataset is None or len(dataset) == 0:
         return None
     return data.eval_loader(dataset, max(cfg.batch_size, 256), cfg.num_workers, world, rank)
-
-
-def log_start(cfg, parameters, device, world, datasets, iters_per_epoch, opt):
-    n_train = sum(int(np.prod(p.shape)) for p in parameters)
-    sizes = " ".join(f"{k} {len(datasets[k]) if datasets.get(k) is not None else 0}" for k in ("train", "val", "test"))
-    log(f"model {cfg.model}: {n_train:,} trainable parameters | device {device} x {world} | {sizes} | "
-        f"batch {cfg.batch_size} per device, global batch {cfg.batch_size * world}, {iters_per_epoch} iterations/epoch, "
-        f"{cfg.epochs} epochs, lr {opt.get_lr():g}")
 
 
 def epoch_row(run, epoch, opt, world, train_time):
@@ -516,13 +400,6 @@ def epochs_left(cfg, run, iters_per_epoch):
     if cfg.max_iters:
         left = min(left, -(-max(cfg.max_iters - run.iteration, 0) // iters_per_epoch))
     return left
-
-
-def log_epoch(cfg, row, left, mean_epoch_time):
-    val_text = f"val loss {row['val_loss']:.4f} val acc {row['val_acc']:.4f} | " if row["val_acc"] != "" else ""
-    log(f"epoch {row['epoch']}/{cfg.epochs} done in {format_seconds(row['epoch_time_s'])} | "
-        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | {val_text}"
-        f"lr {row['lr']:.5f} | run eta {format_seconds(mean_epoch_time * left)}")
 
 
 def epochs_time(run):

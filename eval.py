@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on its dataset's test set (or the validation split it was selected on).
 
-    python eval.py --ckpt runs/cifar10/best.pdckpt --data-file ../data/cifar-10-python.tar.gz
+    python eval.py --ckpt runs/cifar10/best.pdckpt --data-file cifar-10-python.tar.gz
     python eval.py --ckpt runs/cifar10 --split val --json
     python eval.py --ckpt runs/cifar10 --inference --precision bf16   # a CPU with bf16 units
     python eval.py --ckpt runs/finetune          # an image-folder run: its val split
@@ -14,12 +14,13 @@ import os
 import sys
 import tempfile
 
-import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import paddle
 import checkpoint
 import config
 import data
 import engine
+import errors
 import plots
 import predictors
 
@@ -28,26 +29,26 @@ def eval_split(cfg, args, class_names):
     """The dataset ``args.split`` of the run ``cfg`` was trained on (or of --data-file / --data-dir)."""
     folder = cfg.dataset == "folder"
     if folder and args.split == "test":
-        raise config.UserError("an image-folder run has no test split (the folder is split into train and val "
+        raise errors.UserError("an image-folder run has no test split (the folder is split into train and val "
                                "only); use --split val")
     flag, wrong = ("--data-dir", "--data-file") if folder else ("--data-file", "--data-dir")
     given, other = (args.data_dir, args.data_file) if folder else (args.data_file, args.data_dir)
     if other:
-        raise config.UserError(f"{wrong} is not for this checkpoint (--dataset {cfg.dataset}); it takes {flag}")
+        raise errors.UserError(f"{wrong} is not for this checkpoint (--dataset {cfg.dataset}); it takes {flag}")
     if given:
         cfg = config.make_config({"data_dir" if folder else "data_file": given}, base=cfg)
     recorded = cfg.data_dir if folder else cfg.data_file
     if not given and recorded and not os.path.exists(recorded):
-        raise config.UserError(f"the data the run was trained on, {recorded} (recorded in the checkpoint), is not "
+        raise errors.UserError(f"the data the run was trained on, {recorded} (recorded in the checkpoint), is not "
                                f"there; pass {flag} PATH")
     loaded = data.load(cfg)
     if loaded.classes != list(class_names):
         where = f"--data-dir {cfg.data_dir}" if folder else f"the {cfg.dataset} data"
-        raise config.UserError(f"{where} has the classes {', '.join(loaded.classes[:12])}; the checkpoint "
+        raise errors.UserError(f"{where} has the classes {', '.join(loaded.classes[:12])}; the checkpoint "
                                f"was trained on {', '.join(class_names[:12])}: evaluate it on data of those classes")
     dataset = loaded.splits[args.split]
     if not len(dataset):
-        raise config.UserError(f"the run has no {args.split} split (val_size was 0); use --split test")
+        raise errors.UserError(f"the run has no {args.split} split (val_size was 0); use --split test")
     return dataset
 
 
@@ -69,12 +70,12 @@ def main(argv=None):
     parser.add_argument("--tensorrt", action="store_true", help="--inference on a GPU: through TensorRT")
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
-    with config.user_errors():
+    with errors.user_errors():
         if args.batch_size < 1 or args.num_workers < 0:
-            raise config.UserError(f"--batch-size must be at least 1 and --num-workers at least 0, "
+            raise errors.UserError(f"--batch-size must be at least 1 and --num-workers at least 0, "
                                    f"got {args.batch_size} and {args.num_workers}")
         if (args.precision != "fp32" or args.tensorrt) and not args.inference:
-            raise config.UserError("--precision and --tensorrt choose how paddle.inference runs the model: "
+            raise errors.UserError("--precision and --tensorrt choose how paddle.inference runs the model: "
                                    "add --inference")
         path = checkpoint.resolve(args.ckpt)
         state = checkpoint.load(path)
@@ -106,14 +107,14 @@ def main(argv=None):
                   top1=r["top1"], top5=r["top5"], loss=r["loss"], images_per_s=r["images_per_s"],
                   per_class=dict(zip(class_names, r["per_class"])), confusion=r["confusion"].tolist(),
                   confusion_png=png)
-    with config.user_errors():  # the figures first, then the picture: a failed save loses nothing printed
+    with errors.user_errors():  # the figures first, then the picture: a failed save loses nothing printed
         print_result(result, args.json)
         try:
             plots.plot_confusion(png, r["confusion"], class_names,
                                  f"{cfg.model} epoch {state['epoch']}, {args.split}: top-1 {r['top1']:.4f}")
             if not args.json:
                 print(f"saved {png}")
-        except config.UserError as e:
+        except errors.UserError as e:
             result["confusion_png"] = None
             print(f"warning: {e}; the results above are complete", file=sys.stderr)
     return result

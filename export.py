@@ -8,9 +8,9 @@
 import argparse
 import os
 
-import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import checkpoint
-import config
+import errors
 import predictors
 
 
@@ -22,13 +22,13 @@ def main(argv=None):
     parser.add_argument("--format", choices=["paddle", "onnx"], default="paddle",
                         help="onnx: also model.onnx through paddle2onnx (pip install -r requirements-onnx.txt)")
     args = parser.parse_args(argv)
-    with config.user_errors():
+    with errors.user_errors():
         if os.path.isfile(args.output):
-            raise config.UserError(f"--output {args.output} is a file; give a directory")
+            raise errors.UserError(f"--output {args.output} is a file; give a directory")
         existing = [f for f in os.listdir(args.output) if f.startswith("model.") or f == predictors.META] \
             if os.path.isdir(args.output) else []
         if existing and not args.overwrite:
-            raise config.UserError(f"--output {args.output} already holds an export ({', '.join(sorted(existing))}); "
+            raise errors.UserError(f"--output {args.output} already holds an export ({', '.join(sorted(existing))}); "
                                    "pick another directory, or add --overwrite to replace it")
         if existing and os.path.exists(os.path.join(args.output, "model.onnx")):
             os.remove(os.path.join(args.output, "model.onnx"))  # it would stay behind, from the replaced model

@@ -1,19 +1,22 @@
 """Writing files so that nothing is ever half-written or written by two processes at once:
 the atomic replace every saved file goes through, the lock of a run directory, and the
-lock a download waits on.
+lock a download waits on; and ``output_to``, which sends a talkative library's output to a
+log file.
 """
 import contextlib
 import errno
 import glob
 import os
+import sys
 import tempfile
+import warnings
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; a run directory is then not locked
     fcntl = None
 
-from config import UserError
+from errors import UserError
 
 LOCK = ".lock"
 UMASK = os.umask(0o022)
@@ -124,3 +127,26 @@ def unlock(folder):
     held = _held.pop(folder, None)
     if held is not None:
         held.close()  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def output_to(path):
+    """This process's stdout and stderr (file descriptors 1 and 2, which the compiler's
+    processes inherit) go to ``path`` meanwhile: Paddle's builder talks at length, and a
+    training log should say one line about it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

@@ -13,11 +13,13 @@ Frozen layers get no gradient and their BatchNorm statistics stay as loaded.
 import argparse
 import os
 
-import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import checkpoint
 import config
 import data
 import engine
+import models
+import errors
 from models.weights import WeightsMismatchError, pretrained_state
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
@@ -55,7 +57,7 @@ def load_pretrained(model, cfg, num_classes):
         same_head = fc is not None and list(fc.shape) == list(model.fc.weight.shape)
         keys = models.load_weights(model, state, skip_classifier=not same_head)
     except (ValueError, WeightsMismatchError) as e:
-        raise config.UserError(str(e))
+        raise errors.UserError(str(e))
     engine.log(f"loaded {len(keys)} tensors from {cfg.pretrained}"
                + ("" if same_head else f"; new {num_classes}-class classifier"))
 
@@ -64,7 +66,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Fine-tune a ResNet on an image folder.")
     config.add_run_arguments(parser, config.FinetuneConfig, DEPTHS)
     args = parser.parse_args(argv)
-    with config.user_errors():
+    with errors.user_errors():
         cfg, resume_state = config.run_config(args, config.FinetuneConfig, DEPTHS.get(args.depth),
                                               checkpoint.load_run(args.resume))
         if resume_state is None and cfg.pretrained.endswith(".pdckpt") and os.path.isfile(cfg.pretrained):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import paddle
 
-from config import UserError
+from errors import UserError
 
 
 def rank():

@@ -7,7 +7,7 @@ import os
 
 import files
 import plots
-from config import UserError
+from errors import UserError
 
 
 def visualdl_writer(cfg, me=0):

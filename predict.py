@@ -12,12 +12,12 @@ import json
 import os
 import sys
 
-import models  # noqa: F401  (sets OMP_NUM_THREADS before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import numpy as np
 
 import checkpoint
-import config
 import data
+import errors
 import predictors
 
 
@@ -38,7 +38,7 @@ def predict_files(predictor, files, topk=5, batch_size=32, on_error=None):
                 names.append(path)
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
                 if on_error is None:
-                    raise config.UserError(f"cannot read image {path} ({type(e).__name__}: {e})")
+                    raise errors.UserError(f"cannot read image {path} ({type(e).__name__}: {e})")
                 on_error(path, e)
         if not batch:
             continue
@@ -50,7 +50,7 @@ def predict_files(predictor, files, topk=5, batch_size=32, on_error=None):
 
 def positive(flag, value):
     if value < 1:
-        raise config.UserError(f"{flag} must be at least 1, got {value}")
+        raise errors.UserError(f"{flag} must be at least 1, got {value}")
 
 
 def main(argv=None):
@@ -71,17 +71,17 @@ def main(argv=None):
     def skipped(path, error):
         print(f"skipped {path}: cannot read image ({type(error).__name__})", file=sys.stderr)
 
-    with config.user_errors():
+    with errors.user_errors():
         positive("--topk", args.topk)
         positive("--batch-size", args.batch_size)
         if os.path.isdir(args.path):
             files, on_error = predictors.list_images(args.path), skipped
             if not files:
-                raise config.UserError(f"{args.path} holds no image files ({', '.join(predictors.IMAGE_EXTENSIONS)})")
+                raise errors.UserError(f"{args.path} holds no image files ({', '.join(predictors.IMAGE_EXTENSIONS)})")
         elif os.path.isfile(args.path):
             files, on_error = [args.path], None
         else:
-            raise config.UserError(f"{args.path}: no such file or folder")
+            raise errors.UserError(f"{args.path}: no such file or folder")
         if args.ckpt:
             predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), args.device)
         elif args.onnx:
@@ -97,7 +97,7 @@ def main(argv=None):
             else:
                 print(f"{path}: " + ", ".join(f"{c} {p:.4f}" for c, p in top), flush=True)
         if not results:
-            raise config.UserError(f"none of the {len(files)} image files in {args.path} could be read as an image")
+            raise errors.UserError(f"none of the {len(files)} image files in {args.path} could be read as an image")
     return results
 
 

@@ -14,8 +14,8 @@ import paddle
 import checkpoint
 import data
 import device as devices
-from config import UserError
-from onednn_conv import output_to
+from errors import UserError
+from files import output_to
 
 # the image files predict.py reads: the same rules as training's image folders
 IMAGE_EXTENSIONS, load_image, list_images = data.IMAGE_EXTENSIONS, data.load_image, data.list_images

@@ -1,105 +1,12 @@
-"""ResNet in Paddle: ``from models import resnet18, get_model``."""
-import os
-import sys
+"""ResNet in Paddle: ``from models import resnet18, get_model``.
 
-
-def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-# CPU settings, read by Paddle's libraries when they load, so only effective if paddle is
-# not imported yet; a value the user set always wins.
-# - Paddle sets OMP_NUM_THREADS=1 when it is unset, using one core: use every core we may
-#   (ResNet-18/CIFAR training on 2 cores: 23.7 img/s with 1 thread, 30.0 with 2). Paddle's
-#   import prints "WARNING: OMP_NUM_THREADS set to 2, not 1 ... PLEASE USE OMP_NUM_THREADS
-#   WISELY" for any value above 1 (paddle/base/__init__.py, __bootstrap__): it imports
-#   with 1, and the OpenMP runtimes get the count right after (_use_threads, below).
-THREADS = int(os.environ.get("OMP_NUM_THREADS") or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                    else os.cpu_count() or 1))
-if "paddle" not in sys.modules:
-    os.environ["OMP_NUM_THREADS"] = "1"
-# - One OpenMP thread team, and its idle workers spin 20 ms before they sleep. Inside
-#   Paddle, oneDNN's parallel regions bind to Paddle's libiomp5 (not the libgomp it names),
-#   and onednn_conv/ links the same runtime (onednn_conv.openmp_link_flags): one worker
-#   beside the main thread. Sleeping at once (blocktime 0), every parallel region waits
-#   for a worker to wake (~40 us on these VMs, some 250 regions a step); spinning for 20 ms
-#   bridges the gaps between regions (ResNet-20 training, AMD EPYC, 2 cores: bf16 717 ->
-#   985 img/s; a fp32 step 198 -> 178 ms). OMP_WAIT_POLICY=PASSIVE stays for libgomp, which no
-#   longer runs a team here: when our loops ran on it, its spinning worker took the core
-#   oneDNN's needed (370 -> 620 img/s with PASSIVE, before the one team).
-# RESNET_CPU_TUNING=off leaves these, and the memory setting below, as they are (bench.py's
-# PyTorch rows run so, as PyTorch does out of the box).
-TUNED = os.environ.get("RESNET_CPU_TUNING", "on") != "off"
-if TUNED:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("KMP_BLOCKTIME", "20")
-# - Paddle's bundled MKL takes a slow generic path on AMD processors; type 5 selects its
-#   AVX2 kernels (ResNet-18/CIFAR training 7.1 -> 9.8 img/s here; Paddle issue #75760).
-if _cpu_vendor() == "AuthenticAMD":
-    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-
-# - Freed memory stays in the process (glibc's malloc only; nothing elsewhere). Paddle's CPU
-#   tensors come from malloc, and glibc hands every block above its mmap threshold (at most
-#   32 MiB) back to the kernel when it is freed: each step then takes fresh, zeroed pages,
-#   50-80k minor page faults per ResNet-20 batch-128 step and 442k per ResNet-18 one, 16-20%
-#   of the process's CPU time in the kernel (counted with getrusage; README, Speed).
-#   No mmap for large blocks and no trimming keeps them for the next step; the cost is that
-#   the resident memory stays at its peak (README, Speed). Must run before Paddle allocates.
-def _keep_freed_memory():
-    if not TUNED or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # glibc, not musl: mallopt's numbers are glibc's
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
-                and libc.mallopt(M_TOP_PAD, 256 * 2 ** 20))
-
-
-KEEPS_FREED_MEMORY = _keep_freed_memory()
-
-# Paddle 3.x imports its C++ extension builder with paddle itself, and the builder warns
-# "No ccache found" on import when ccache is not installed (paddle/utils/cpp_extension/
-# extension_utils.py, find_ccache_home): advice for whoever rebuilds extensions often, not
-# about this run (onednn_conv/ compiles once and is cached). Only that warning is silenced.
-import warnings  # noqa: E402
-warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
-
-# Paddle 2.6 bundles a zlib that, when it loads before Pillow's, breaks Pillow's PNG
-# decoding ("OSError: codec configuration error"): load Pillow first.
-import PIL.Image  # noqa: E402,F401
-
-from .resnet import (  # noqa: E402
-    CIFAR_ONLY, MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, ZeroPadShortcut,
+Importing this package changes nothing in the process; the CPU settings the scripts use
+(threads, MKL's CPU type, malloc) are cpu_settings.py's, imported before Paddle.
+"""
+from .layers import BatchNormAct2D, Conv2D, GlobalAvgPool2D, InputCast, MaxPool2D, ResidualJoin, block_inputs
+from .resnet import (
+    CIFAR_ONLY, MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet,
     get_model, plain20, plain32, plain44, plain56, plain110, resnet18, resnet20, resnet32,
     resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
     resnext50_32x4d, wide_resnet50_2)
-from .weights import load_weights  # noqa: E402
-
-
-def _use_threads(n):
-    """Give both OpenMP runtimes of this process (Paddle's libiomp5: MKL, oneDNN and
-    onednn_conv/; libgomp, loaded but idle unless Paddle ships no libiomp5) ``n`` threads,
-    and the environment too, for the processes started later."""
-    import ctypes
-    import paddle
-    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
-    for lib in ("libgomp.so.1", os.path.join(libs, "libiomp5.so")):
-        try:
-            ctypes.CDLL(lib).omp_set_num_threads(n)
-        except (OSError, AttributeError):  # a runtime this build does not ship
-            pass
-    os.environ["OMP_NUM_THREADS"] = str(n)
-
-
-_use_threads(THREADS)
+from .weights import load_weights

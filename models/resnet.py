@@ -12,9 +12,11 @@ weights Xavier-uniform and bias 0.
 import paddle
 import paddle.nn as nn
 
+from .layers import BatchNormAct2D, Conv2D, GlobalAvgPool2D, InputCast, MaxPool2D, ResidualJoin, block_inputs
+
 
 class ConvBNLayer(nn.Sequential):
-    """Conv2D (no bias: BN's shift replaces it) + BatchNorm2D + optional ReLU.
+    """Conv2D (no bias: BN's shift replaces it) + BatchNorm2D with an optional ReLU.
 
     A Sequential, so its parameters are named ``0.weight`` (conv) and ``1.weight``,
     ``1._mean``, ... (BN): used as a projection shortcut it gives the names
@@ -23,51 +25,37 @@ class ConvBNLayer(nn.Sequential):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, act=None):
-        layers = [
-            nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
-                      padding=(kernel_size - 1) // 2, groups=groups, bias_attr=False),
-            nn.BatchNorm2D(out_channels),
-        ]
-        if act == "relu":
-            layers.append(nn.ReLU())
-        elif act is not None:
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
-        super().__init__(*layers)
+        super().__init__(
+            Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                   padding=(kernel_size - 1) // 2, groups=groups, bias_attr=False),
+            BatchNormAct2D(out_channels, act=act))
 
 
-class ZeroPadShortcut(nn.Layer):
-    """The paper's option A shortcut (section 4.2): no parameters; subsample by the
-    stride and append zero channels. x: [N, C, H, W] -> [N, out_channels, H/s, W/s]."""
+def conv3x3(in_channels, out_channels, stride=1, groups=1):
+    return Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups, bias_attr=False)
 
-    def __init__(self, in_channels, out_channels, stride):
-        super().__init__()
-        if not in_channels <= out_channels <= 2 * in_channels:
-            raise ValueError("option A pads at most in_channels zero channels")
-        self.stride = stride
-        self.extra = out_channels - in_channels
 
-    def forward(self, x):
-        if self.stride > 1:
-            x = x[:, :, ::self.stride, ::self.stride]
-        if self.extra:  # zero channels after the input's; made from x itself, because
-            # paddle.zeros_like warns when exported and F.pad aborts Paddle Inference 3.3.1
-            x = paddle.concat([x, x[:, :self.extra] * 0], axis=1)
-        return x
+def conv1x1(in_channels, out_channels):
+    return Conv2D(in_channels, out_channels, 1, bias_attr=False)
 
 
 def _shortcut(kind, in_channels, out_channels, stride):
-    """The layer that makes the identity match the residual's shape, or None.
+    """(the projection shortcut or None, the join that ends the block or None).
 
     kind: "B" projection (1x1 conv + BN) where the shape changes, identity elsewhere
-    (torchvision, paddle.vision); "A" zero padding (the paper's CIFAR nets); None: a
-    plain network, no shortcut at all.
+    (torchvision, paddle.vision); "A" zero padding inside the join (the paper's CIFAR
+    nets); None: a plain network, no shortcut and no join.
     """
-    if kind is None or (stride == 1 and in_channels == out_channels):
-        return None
+    if kind is None:
+        return None, None
+    if stride == 1 and in_channels == out_channels:
+        return None, ResidualJoin()
     if kind == "B":
-        return ConvBNLayer(in_channels, out_channels, 1, stride=stride)
+        return ConvBNLayer(in_channels, out_channels, 1, stride=stride), ResidualJoin()
     if kind == "A":
-        return ZeroPadShortcut(in_channels, out_channels, stride)
+        if not in_channels <= out_channels <= 2 * in_channels:
+            raise ValueError("option A pads at most in_channels zero channels")
+        return None, ResidualJoin(stride, out_channels - in_channels)
     raise ValueError(f"shortcut must be 'A', 'B' or None, got {kind!r}")
 
 
@@ -82,27 +70,26 @@ class ResidualBlock(nn.Layer):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError("ResidualBlock supports only groups=1 and width_per_group=64")
-        self.conv1 = nn.Conv2D(in_channels, channels, 3, stride=stride, padding=1, bias_attr=False)
-        self.bn1 = nn.BatchNorm2D(channels)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2D(channels, channels, 3, padding=1, bias_attr=False)
-        self.bn2 = nn.BatchNorm2D(channels)
-        self.downsample = _shortcut(shortcut, in_channels, channels, stride)
-        self.residual = shortcut is not None
+        self.conv1 = conv3x3(in_channels, channels, stride)
+        self.bn1 = BatchNormAct2D(channels, act="relu")
+        self.conv2 = conv3x3(channels, channels)
+        # a plain block (no shortcut) ends in BN + ReLU; a residual one in BN, then the join's ReLU
+        self.bn2 = BatchNormAct2D(channels, act=None if shortcut else "relu")
+        self.downsample, self.join = _shortcut(shortcut, in_channels, channels, stride)
 
     def zero_init_last(self):
         """Scale of the last BN to 0: the block starts as relu(shortcut(x))."""
         nn.initializer.Constant(0.0)(self.bn2.weight)
 
     def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
+        x, identity = block_inputs(x)
+        out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
+        if self.join is None:  # a plain network
+            return out
         if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.residual:
-            out = out + identity
-        return self.relu(out)
+            identity = self.downsample(identity)
+        return self.join(out, identity)
 
 
 class BottleneckBlock(nn.Layer):
@@ -119,29 +106,27 @@ class BottleneckBlock(nn.Layer):
         super().__init__()
         width = int(channels * (width_per_group / 64.0)) * groups
         out_channels = channels * self.expansion
-        self.conv1 = nn.Conv2D(in_channels, width, 1, bias_attr=False)
-        self.bn1 = nn.BatchNorm2D(width)
-        self.conv2 = nn.Conv2D(width, width, 3, stride=stride, padding=1, groups=groups, bias_attr=False)
-        self.bn2 = nn.BatchNorm2D(width)
-        self.conv3 = nn.Conv2D(width, out_channels, 1, bias_attr=False)
-        self.bn3 = nn.BatchNorm2D(out_channels)
-        self.relu = nn.ReLU()
-        self.downsample = _shortcut(shortcut, in_channels, out_channels, stride)
-        self.residual = shortcut is not None
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn1 = BatchNormAct2D(width, act="relu")
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = BatchNormAct2D(width, act="relu")
+        self.conv3 = conv1x1(width, out_channels)
+        self.bn3 = BatchNormAct2D(out_channels, act=None if shortcut else "relu")
+        self.downsample, self.join = _shortcut(shortcut, in_channels, out_channels, stride)
 
     def zero_init_last(self):
         nn.initializer.Constant(0.0)(self.bn3.weight)
 
     def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        x, identity = block_inputs(x)
+        out = self.bn1(self.conv1(x))
+        out = self.bn2(self.conv2(out))
         out = self.bn3(self.conv3(out))
+        if self.join is None:  # a plain network
+            return out
         if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.residual:
-            out = out + identity
-        return self.relu(out)
+            identity = self.downsample(identity)
+        return self.join(out, identity)
 
 
 BasicBlock = ResidualBlock  # torchvision's and paddle.vision's name
@@ -170,16 +155,16 @@ class ResNet(nn.Layer):
         self.num_classes = num_classes
         self.with_pool = with_pool
         self.stem = stem
+        self.entry = InputCast()  # no parameters: the CPU path's layout and dtype, where it has set them
         if stem == "imagenet":
-            self.conv1 = nn.Conv2D(3, widths[0], 7, stride=2, padding=3, bias_attr=False)
-            self.maxpool = nn.MaxPool2D(kernel_size=3, stride=2, padding=1)
+            self.conv1 = Conv2D(3, widths[0], 7, stride=2, padding=3, bias_attr=False)
+            self.maxpool = MaxPool2D(kernel_size=3, stride=2, padding=1)
         elif stem == "cifar":
-            self.conv1 = nn.Conv2D(3, widths[0], 3, stride=1, padding=1, bias_attr=False)
+            self.conv1 = conv3x3(3, widths[0])
             self.maxpool = None
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-        self.bn1 = nn.BatchNorm2D(widths[0])
-        self.relu = nn.ReLU()
+        self.bn1 = BatchNormAct2D(widths[0], act="relu")
 
         in_channels = widths[0]
         self.stages = []
@@ -195,7 +180,7 @@ class ResNet(nn.Layer):
             self.stages.append(stage)
         self.num_features = in_channels
         if with_pool:
-            self.avgpool = nn.AdaptiveAvgPool2D((1, 1))
+            self.avgpool = GlobalAvgPool2D()
         if num_classes > 0:
             self.fc = nn.Linear(in_channels, num_classes)
 
@@ -208,7 +193,7 @@ class ResNet(nn.Layer):
 
     def forward_features(self, x):
         """x: [N, 3, H, W] -> feature map of the last stage, before pooling."""
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(self.entry(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
         for stage in self.stages:

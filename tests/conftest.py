@@ -5,4 +5,4 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import models  # noqa: E402,F401  (sets OMP_NUM_THREADS before paddle loads)
+import cpu_settings  # noqa: E402,F401  (first: the CPU settings, before paddle loads)

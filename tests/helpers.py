@@ -92,8 +92,8 @@ class Interrupt:
 
 def interrupt_in_epoch(train_one_epoch, epoch, step):
     """engine.train_one_epoch, but Ctrl-C is pressed after ``step`` batches of ``epoch`` (0-based)."""
-    def wrapped(train_net, loader, opt, sched, scaler, cfg, run, this_epoch, *rest):
+    def wrapped(training, loader, this_epoch):
         if this_epoch == epoch:
             loader = Interrupt(loader, step)
-        return train_one_epoch(train_net, loader, opt, sched, scaler, cfg, run, this_epoch, *rest)
+        return train_one_epoch(training, loader, this_epoch)
     return wrapped

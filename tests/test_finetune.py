@@ -51,8 +51,8 @@ def trained(out):
 
 def bf16_training_runs_here():
     import device as devices
-    import onednn_conv
-    return onednn_conv.load()[0] is not None and devices.cpu_bf16_units(devices.cpu_flags()) is not None
+    import cpu_kernels
+    return cpu_kernels.load()[0] is not None and devices.cpu_bf16_units(devices.cpu_flags()) is not None
 
 
 @pytest.mark.parametrize("precision", [

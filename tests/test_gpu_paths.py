@@ -17,9 +17,11 @@ import config
 import data
 import device as devices
 import engine
+import errors
 import finetune
 import models
 import predictors
+import train_net
 from helpers import make_cifar_archive
 
 P3, P26 = "3.3.1", "2.6.2"
@@ -53,12 +55,12 @@ def test_o2_model_is_evaluated_from_an_fp32_copy():
     with pytest.raises(Exception):  # what evaluate(model) did at 787e1f8: fp32 images into fp16 weights
         o2.eval()
         o2(x)
-    fresh = engine.model_for_eval(o2, cfg_of(model="resnet20", amp=True, amp_level="O2"), 10)
+    fresh = train_net.model_for_eval(o2, cfg_of(model="resnet20", amp=True, amp_level="O2"), 10)
     assert fresh is not o2 and fresh.conv1.weight.dtype == paddle.float32
     reference.eval()
     fresh.eval()
     np.testing.assert_allclose(fresh(x).numpy(), reference(x).numpy(), rtol=1e-2, atol=1e-2)  # fp16-rounded weights
-    assert engine.model_for_eval(reference, cfg_of(model="resnet20"), 10) is reference  # fp32 runs: no copy
+    assert train_net.model_for_eval(reference, cfg_of(model="resnet20"), 10) is reference  # fp32 runs: no copy
 
 
 def test_load_weights_cannot_reach_an_o2_model_so_best_is_a_fresh_model(tmp_path):
@@ -81,7 +83,7 @@ def test_load_weights_cannot_reach_an_o2_model_so_best_is_a_fresh_model(tmp_path
     test = data.load(cfg).splits["test"]
     run = checkpoint.RunState(history=[dict(epoch=2, iteration=4, train_loss=1.0, train_acc=0.1, val_acc=0.2,
                                             epoch_time_s=1.0)], best=dict(val_acc=0.3, epoch=1))
-    final_model = engine.model_for_eval(o2, cfg, 10)
+    final_model = train_net.model_for_eval(o2, cfg, 10)
     result = engine.final_report(cfg, final_model, test, 10, run)
     expected = engine.evaluate(best, data.eval_loader(test, 256, 0), 10)["top1"]
     final = engine.evaluate(final_model, data.eval_loader(test, 256, 0), 10)["top1"]
@@ -107,9 +109,9 @@ def test_sync_bn_leaves_frozen_batchnorm_frozen():
     model = models.resnet18(num_classes=5, stem="cifar")
     finetune.apply_strategy(model, "last")
     weight = model.layer4[0].bn1.weight
-    engine.convert_sync_bn(model)
-    assert type(model.bn1).__name__ == "BatchNorm2D" and model.bn1._use_global_stats
-    assert type(model.layer3[0].bn1).__name__ == "BatchNorm2D" and model.layer3[0].bn1._use_global_stats
+    train_net.convert_sync_bn(model)
+    assert type(model.bn1).__name__ == "BatchNormAct2D" and model.bn1._use_global_stats
+    assert type(model.layer3[0].bn1).__name__ == "BatchNormAct2D" and model.layer3[0].bn1._use_global_stats
     assert type(model.layer4[0].bn1).__name__ == "SyncBatchNorm"
     assert model.layer4[0].bn1.weight is weight  # the optimizer still holds the same tensors
     assert type(model.layer4[0].downsample[1]).__name__ == "SyncBatchNorm"
@@ -171,7 +173,7 @@ def test_o2_optimizer_state_restores_into_a_second_model_in_one_process():
     (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), P26, "gpu", (9, 0), "no momentum (SGD) kernel"),
 ])
 def test_training_plan_refuses_what_cannot_work(values, version, device, cap, message):
-    with pytest.raises(config.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(errors.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         devices.training_plan(cfg_of(**values), version, device, cap)
 
 
@@ -183,12 +185,12 @@ AVX2 = ("avx2", "fma")
 @pytest.mark.parametrize("values,flags,message", [
     (dict(amp=True, amp_dtype="bfloat16"), AVX2, "this CPU's flags have neither amx_bf16 nor avx512_bf16"),
     (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), AMX, "on the CPU bf16 runs as O1"),
-    (dict(amp=True, amp_dtype="bfloat16", conv="paddle"), ZEN4, "drop --conv paddle"),
+    (dict(amp=True, amp_dtype="bfloat16", cpu_kernels="paddle"), ZEN4, "drop --cpu-kernels paddle"),
     (dict(amp=True, amp_dtype="bfloat16", to_static=True), AMX, "and --to-static"),
     (dict(amp=True), AMX, "--amp-dtype float16 needs a GPU"),
 ])
 def test_cpu_bf16_is_refused_where_it_cannot_run(values, flags, message):
-    with pytest.raises(config.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         devices.training_plan(cfg_of(**values), P3, "cpu", flags=flags)
 
 
@@ -264,18 +266,18 @@ def test_check_env_on_this_machine_and_with_injected_gpus(capsys):
 
 # --------------------------------------------------------------- inference (audit #8, #14)
 def test_gpu_inference_options():
-    with pytest.raises(config.UserError, match="need a GPU"):
+    with pytest.raises(errors.UserError, match="need a GPU"):
         predictors.check_gpu_inference("m/model.pdmodel", False, "fp16", False)
-    with pytest.raises(config.UserError, match="does not apply to a Paddle 3.3.1 export"):
+    with pytest.raises(errors.UserError, match="does not apply to a Paddle 3.3.1 export"):
         predictors.check_gpu_inference("m/model.json", True, "fp16", True, "3.3.1")
     predictors.check_gpu_inference("m/model.pdmodel", True, "fp16", True)
     predictors.check_gpu_inference("m/model.json", True, "fp16", False)
-    with pytest.raises(config.UserError, match="bf16 is oneDNN's bf16 on the CPU; on a GPU use --precision fp16"):
+    with pytest.raises(errors.UserError, match="bf16 is oneDNN's bf16 on the CPU; on a GPU use --precision fp16"):
         predictors.check_gpu_inference("m/model.pdmodel", True, "bf16", False)
-    with pytest.raises(config.UserError, match="needs a CPU with bf16 units"):
+    with pytest.raises(errors.UserError, match="needs a CPU with bf16 units"):
         predictors.check_cpu_bf16("m/model.pdmodel", ["avx512f"])
     predictors.check_cpu_bf16("m/model.pdmodel", ["avx512_bf16"])
-    with pytest.raises(config.UserError, match="runs a model.pdmodel export"):
+    with pytest.raises(errors.UserError, match="runs a model.pdmodel export"):
         predictors.check_cpu_bf16("m/model.json", ["amx_bf16"])
 
 
@@ -311,7 +313,7 @@ def test_paddle26_to_static_casts_a_bf16_program_to_fp16_so_the_plan_refuses_it(
     block = program._create_amp_program(is_infer_mode=True).global_block()
     dtypes = {str(block.var(op.output_arg_names[0]).dtype) for op in block.ops if op.type == "conv2d"}
     assert dtypes == {"paddle.float16"}  # bfloat16 was asked for
-    with pytest.raises(config.UserError, match="trains in fp16"):
+    with pytest.raises(errors.UserError, match="trains in fp16"):
         devices.training_plan(cfg_of(amp=True, amp_dtype="bfloat16", to_static=True), paddle.__version__, "gpu", (8, 0))
 
 
@@ -327,7 +329,7 @@ def test_checked_finds_a_failed_sample_without_reading_the_labels():
     loader = [(None, DeviceLabels())] * 3
     assert len(list(data.Checked(loader, dataset))) == 3
     dataset.failed.value = 4 + 1  # what __getitem__ writes, in a DataLoader worker or here
-    with pytest.raises(config.UserError, match=r"^sample 4 could not be read \(it failed in a DataLoader worker"):
+    with pytest.raises(errors.UserError, match=r"^sample 4 could not be read \(it failed in a DataLoader worker"):
         next(iter(data.Checked(loader, dataset)))
 
 
@@ -338,9 +340,9 @@ def test_a_resume_under_another_process_count_is_refused():
     state = dict(world_size=2, config=dict(batch_size=128))
     checkpoint.check_same_world(state, 2, "runs/x")
     checkpoint.check_same_world(dict(state, world_size=None), 1, "runs/x")  # before the key: as before
-    with pytest.raises(config.UserError, match=r"trained by 2 processes and this is 1; .*global batch \(2 x 128\)"):
+    with pytest.raises(errors.UserError, match=r"trained by 2 processes and this is 1; .*global batch \(2 x 128\)"):
         checkpoint.check_same_world(state, 1, "runs/x")
-    with pytest.raises(config.UserError, match=r"trained by 1 process and this is 4; .*without the launcher"):
+    with pytest.raises(errors.UserError, match=r"trained by 1 process and this is 4; .*without the launcher"):
         checkpoint.check_same_world(dict(state, world_size=1), 4, "runs/x")
 
 
@@ -390,17 +392,17 @@ def test_inference_predictor_checks_the_device_and_leaves_the_place(tmp_path, mo
         (tmp_path / name).write_text('{"class_names": ["a"], "preprocess": {}}')
     before = paddle.get_device()
     if not paddle.is_compiled_with_cuda():
-        with pytest.raises(config.UserError, match="--device gpu: this Paddle has no usable GPU"):
+        with pytest.raises(errors.UserError, match="--device gpu: this Paddle has no usable GPU"):
             predictors.InferenceModelPredictor(str(tmp_path), device="gpu")
     asked = []
 
     def select_device(name):  # switches the place, then stops before the dummy files are read
         asked.append(name)
         paddle.set_device("cpu")
-        raise config.UserError("checked")
+        raise errors.UserError("checked")
 
     monkeypatch.setattr(devices, "select_device", select_device)
-    with pytest.raises(config.UserError, match="checked"):
+    with pytest.raises(errors.UserError, match="checked"):
         predictors.InferenceModelPredictor(str(tmp_path), device="auto")
     assert asked == ["auto"] and paddle.get_device() == before
 
@@ -434,11 +436,11 @@ def test_one_fp16_overflow_is_skipped_twenty_in_a_row_stop_the_run(tmp_path):
         engine.add_step_loss(run, inf, skip_overflow=True)
     engine.check_finite(run, 0, cfg)
     engine.add_step_loss(run, inf, skip_overflow=True)
-    with pytest.raises(config.UserError, match="the fp16 loss overflowed 20 steps in a row at epoch 1"):
+    with pytest.raises(errors.UserError, match="the fp16 loss overflowed 20 steps in a row at epoch 1"):
         engine.check_finite(run, 0, cfg)
     fp32 = checkpoint.RunState()
     engine.add_step_loss(fp32, inf)  # fp32 and bf16: one inf is a diverged run, as before
-    with pytest.raises(config.UserError, match="the training loss became inf"):
+    with pytest.raises(errors.UserError, match="the training loss became inf"):
         engine.check_finite(fp32, 0, cfg)
 
 
@@ -482,6 +484,6 @@ def test_cifar_download_is_one_process_at_a_time(monkeypatch, tmp_path):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(datasets, "Cifar10", fake_cifar)
-    with pytest.raises(config.UserError, match="could not be downloaded"):
+    with pytest.raises(errors.UserError, match="could not be downloaded"):
         data.load_cifar("", "train")
     assert seen == ["held"]

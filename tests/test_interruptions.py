@@ -20,7 +20,8 @@ import engine
 import eval as eval_script
 import files
 import finetune
-import onednn_conv
+import cpu_kernels
+from cpu_kernels import build
 import train_cifar10
 from helpers import make_cifar_archive, make_image_folder
 
@@ -267,27 +268,27 @@ def test_a_closed_stdout_never_stops_training_and_ends_a_prediction_quietly(arch
 # ------------------------------------------------------------------ the operator's cache
 def test_an_empty_cache_variable_means_the_default(monkeypatch):
     monkeypatch.setenv("ONEDNN_CONV_CACHE", "")
-    assert onednn_conv.cache_root() == os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle")
+    assert build.cache_root() == os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle")
 
 
 def test_a_cache_path_with_a_space_is_built_through_a_plain_link(tmp_path):
-    spaced = tmp_path / "my cache" / "onednn_conv-x"
+    spaced = tmp_path / "my cache" / "cpu_kernels-x"
     spaced.mkdir(parents=True)
-    link = onednn_conv.shell_safe(str(spaced))
+    link = build.shell_safe(str(spaced))
     assert " " not in link and os.path.realpath(link) == str(spaced.resolve())
-    assert onednn_conv.shell_safe("/plain/path-1.2") == "/plain/path-1.2"
+    assert build.shell_safe("/plain/path-1.2") == "/plain/path-1.2"
 
 
 def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, monkeypatch):
-    holder = start([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import onednn_conv, time\n"
-                    f"with onednn_conv.build_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"])
+    holder = start([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_kernels.build, time\n"
+                    f"with cpu_kernels.build.build_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"])
     wait_for(holder, "held", [])
     os.kill(holder.pid, signal.SIGSTOP)
-    monkeypatch.setattr(onednn_conv, "BUILD_WAIT_S", 1)
+    monkeypatch.setattr(build, "BUILD_WAIT_S", 1)
     try:
         start_time = time.monotonic()
-        with pytest.raises(onednn_conv.Unavailable, match=f"locked by process {holder.pid} for over 1 s"):
-            with onednn_conv.build_lock(str(tmp_path)):
+        with pytest.raises(cpu_kernels.Unavailable, match=f"locked by process {holder.pid} for over 1 s"):
+            with build.build_lock(str(tmp_path)):
                 pass
         assert time.monotonic() - start_time < 10
     finally:
@@ -295,30 +296,30 @@ def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, mo
         holder.wait()
 
 
-@pytest.mark.skipif(onednn_conv.load()[0] is None, reason="the operator does not build here")
+@pytest.mark.skipif(cpu_kernels.load()[0] is None, reason="the operator does not build here")
 def test_a_library_cut_short_is_told_from_a_whole_one(tmp_path):
-    library = os.path.join(os.path.dirname(onednn_conv.load()[0].__file__), "onednn_conv_op.so")
-    assert onednn_conv.whole_library(library)
+    library = os.path.join(os.path.dirname(cpu_kernels.load()[0].__file__), "cpu_kernels_op.so")
+    assert build.whole_library(library)
     data = open(library, "rb").read()
     for name, content in (("cut.so", data[:-1]), ("half.so", data[: len(data) // 2]), ("text.so", b"not a library")):
         (tmp_path / name).write_bytes(content)
-        assert not onednn_conv.whole_library(str(tmp_path / name)), name
+        assert not build.whole_library(str(tmp_path / name)), name
 
 
-@pytest.mark.skipif(onednn_conv.load()[0] is None, reason="the operator does not build here")
+@pytest.mark.skipif(cpu_kernels.load()[0] is None, reason="the operator does not build here")
 def test_a_truncated_library_in_the_cache_is_rebuilt_once(tmp_path):
     cache = tmp_path / "with space"
-    built = onednn_conv.build_dir(onednn_conv.find_headers(onednn_conv.library_version()))  # this process's build
+    built = build.build_dir(build.find_headers(build.library_version()))  # this process's build
     shutil.copytree(built, cache / os.path.basename(built), symlinks=True)
-    library = next(cache.glob("onednn_conv-*/onednn_conv_op/onednn_conv_op.so"))
+    library = next(cache.glob("cpu_kernels-*/cpu_kernels_op/cpu_kernels_op.so"))
     library.write_bytes(library.read_bytes()[:1000])
     # in a process of its own: Paddle aborts when one process registers the operator twice
-    check = f"import sys; sys.path.insert(0, {ROOT!r}); import models, onednn_conv; print(onednn_conv.load())"
+    check = f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_settings, cpu_kernels; print(cpu_kernels.load())"
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, ONEDNN_CONV_CACHE=str(cache)))
     assert done.stdout.strip().endswith(", None)"), done.stdout + done.stderr
     assert library.stat().st_size > 100_000
-    assert "cut short: building it again" in next(cache.glob("onednn_conv-*/build.log")).read_text()
+    assert "cut short: building it again" in next(cache.glob("cpu_kernels-*/build.log")).read_text()
 
 
 # ------------------------------------------------------------------- images as people have them
@@ -369,7 +370,7 @@ def test_bench_without_torch_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(SystemExit) as e:
         bench.main(["--impl", "torch", "--model", "resnet20", "--steps", "1"])
-    assert str(e.value.code) == "error: --impl torch needs PyTorch, for comparison only: pip install torch==2.13.0"
+    assert str(e.value.code) == "error: the torch rows need PyTorch, for comparison only: pip install torch==2.13.0"
 
 
 def test_saved_files_get_the_mode_open_would_give_them(tmp_path):

@@ -73,7 +73,7 @@ def test_summary_cli_prints_totals(capsys):
     main(["resnet20", "--input-size", "32"])
     out = capsys.readouterr().out
     assert "Trainable params: 269722" in out and "MACs: 40551040" in out
-    assert "layer3.0.downsample" in out and "ZeroPadShortcut" in out
+    assert "layer3.0.join" in out and "ResidualJoin" in out  # option A: inside the join
 
 
 @pytest.mark.parametrize("name,size,stem", [("resnet18", 224, "imagenet"), ("resnet50", 224, "imagenet"),
@@ -107,7 +107,7 @@ def test_blocks_and_layer_shapes():
 
 def test_option_a_shortcut_is_subsample_plus_zeros():
     x = paddle.rand([1, 4, 6, 6])
-    y = models.ZeroPadShortcut(4, 8, 2)(x).numpy()
+    y = models.ResidualJoin(stride=2, extra=4).option_a(x).numpy()
     np.testing.assert_array_equal(y[:, :4], x.numpy()[:, :, ::2, ::2])
     assert not y[:, 4:].any()
 
@@ -117,7 +117,9 @@ def test_plain_block_has_no_shortcut():
     block.eval()
     x = paddle.rand([1, 8, 4, 4])
     out = block(x)
-    expected = block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))))
+    bn, relu = paddle.nn.BatchNorm2D.forward, paddle.nn.functional.relu  # BN alone, then its ReLU
+    expected = relu(bn(block.bn2, block.conv2(relu(bn(block.bn1, block.conv1(x))))))
+    assert block.join is None and block.downsample is None
     np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-6)
 
 

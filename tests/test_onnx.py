@@ -10,6 +10,7 @@ import pytest
 
 import checkpoint
 import config
+import errors
 import export
 import models
 import predict
@@ -81,11 +82,11 @@ def test_a_missing_onnx_package_or_file_is_one_line(tmp_path, monkeypatch):
     (tmp_path / predictors.META).write_text("{}")
     (tmp_path / "model.onnx").write_text("")
     if P3:
-        with pytest.raises(config.UserError, match="needs paddle2onnx: pip install -r requirements-onnx.txt"):
+        with pytest.raises(errors.UserError, match="needs paddle2onnx: pip install -r requirements-onnx.txt"):
             predictors.export_onnx(str(tmp_path))
-    with pytest.raises(config.UserError, match="needs onnxruntime: pip install -r requirements-onnx.txt"):
+    with pytest.raises(errors.UserError, match="needs onnxruntime: pip install -r requirements-onnx.txt"):
         predictors.OnnxPredictor(str(tmp_path / "model.onnx"))
-    with pytest.raises(config.UserError, match="no such file; make it with export.py --format onnx"):
+    with pytest.raises(errors.UserError, match="no such file; make it with export.py --format onnx"):
         predictors.OnnxPredictor(str(tmp_path / "none.onnx"))
 
 

@@ -32,7 +32,7 @@ def test_a_bad_input_is_our_one_line_alone(argv):
 
 def test_the_cpu_threads_are_still_every_core():
     """Paddle imports with OMP_NUM_THREADS=1 (no warning); both OpenMP runtimes then get the count."""
-    code = ("import models, ctypes, os, paddle; libs = os.path.join(os.path.dirname(paddle.__file__), 'libs');"
+    code = ("import cpu_settings, ctypes, os, paddle; libs = os.path.join(os.path.dirname(paddle.__file__), 'libs');"
             "print(os.environ['OMP_NUM_THREADS'], ctypes.CDLL('libgomp.so.1').omp_get_max_threads(),"
             "ctypes.CDLL(os.path.join(libs, 'libiomp5.so')).omp_get_max_threads()"
             " if os.path.exists(os.path.join(libs, 'libiomp5.so')) else 'none')")
@@ -48,9 +48,10 @@ def test_every_config_key_has_its_comment_as_help_and_its_choices():
     parser = argparse.ArgumentParser()
     config.add_config_arguments(parser, config.FinetuneConfig)
     actions = {a.dest[len("cfg_"):]: a for a in parser._actions if a.dest.startswith("cfg_")}
-    assert set(actions) == {f.name for f in config.dataclasses.fields(config.FinetuneConfig)}
+    assert set(actions) - set(config.RENAMED) == {f.name for f in config.dataclasses.fields(config.FinetuneConfig)}
     for name, action in actions.items():
         assert not action.help.startswith("(default"), f"{name} has no comment in config.py"
+    assert actions["conv"].help == argparse.SUPPRESS  # the old name of cpu_kernels: taken, not listed
     assert actions["stem"].help.startswith("cifar (3x3/1) | imagenet (7x7/2 + max-pool) | auto: a CIFAR net's only "
                                            "one; resnet18..152 the CIFAR stem")  # the comment's second line joined
     assert actions["stem"].help.endswith("(default 'auto')") and actions["stem"].metavar == "{auto,cifar,imagenet}"

@@ -10,6 +10,7 @@ import checkpoint
 import config
 import data
 import engine
+import errors
 import models
 import train_cifar10
 from helpers import interrupt_in_epoch, make_cifar_archive
@@ -65,14 +66,15 @@ def test_training_with_device_loader_resumes_exactly(archive, tmp_path, monkeypa
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18"])
 def test_paddle_vision_and_torch_models_match_ours_in_size(name):
-    ours = bench.paddle_model("ours", name, "cifar", 10)
+    ours = bench.paddle_model(bench.IMPLS["ours"], name, "cifar", 10)
     n = sum(p.size for p in ours.parameters() if not p.stop_gradient)
     if name == "resnet18":
-        pv = bench.paddle_model("paddle.vision", name, "cifar", 10)
+        pv = bench.paddle_model(bench.IMPLS["paddle.vision"], name, "cifar", 10)
         assert sum(p.size for p in pv.parameters() if not p.stop_gradient) == n
         assert pv(paddle.rand([2, 3, 32, 32])).shape == [2, 10]
     torch = pytest.importorskip("torch")
-    tm = bench.torch_model(name, "cifar", 10)
+    import torch_twin
+    tm = torch_twin.build(name, "cifar", 10)
     assert sum(p.numel() for p in tm.parameters()) == n
     assert tuple(tm(torch.rand(2, 3, 32, 32)).shape) == (2, 10)
 
@@ -121,7 +123,7 @@ def test_inference_model_matches_dygraph(tmp_path):
     slow = model(paddle.to_tensor(x)).numpy()
     np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=1e-4)
     assert (fast.argmax(1) == slow.argmax(1)).all()
-    with pytest.raises(config.UserError, match="need a GPU"):
+    with pytest.raises(errors.UserError, match="need a GPU"):
         predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="fp16")
 
 
@@ -136,9 +138,9 @@ def test_bench_pipeline_and_loop(archive, capsys):
 def test_to_static_training_matches_dygraph(archive, tmp_path):
     """to_static against dygraph on the same convolution kernel: --to-static always runs
     Paddle's conv2d (dy2static cannot trace the oneDNN operator's per-layer forward), so the
-    dygraph run takes --conv paddle too, and the test measures to_static alone."""
+    dygraph run takes --cpu-kernels paddle too, and the test measures to_static alone."""
     args = ["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "40",
-            "--epochs", "1", "--num-workers", "0", "--conv", "paddle"]
+            "--epochs", "1", "--num-workers", "0", "--cpu-kernels", "paddle"]
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "dy")])
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "st"), "--to-static"])
     dy = checkpoint.load(str(tmp_path / "dy" / "last.pdckpt"))

@@ -13,6 +13,8 @@ import checkpoint
 import config
 import device as devices
 import engine
+import errors
+import progress
 import eval as eval_script
 import train_cifar10
 from helpers import interrupt_in_epoch, make_cifar_archive
@@ -255,7 +257,7 @@ def test_bf16_inference_is_refused_where_it_cannot_run(straight_run, tmp_path, c
         return  # 2.x writes only the program format
     monkeypatch.setattr(devices, "cpu_flags", lambda: ["avx512_bf16"])
     predictors.export(predictors.CheckpointPredictor(checkpoint.resolve(str(straight_run)), "cpu"), str(tmp_path))
-    with pytest.raises(config.UserError, match="runs a model.pdmodel export"):
+    with pytest.raises(errors.UserError, match="runs a model.pdmodel export"):
         predictors.InferenceModelPredictor(str(tmp_path), "cpu", precision="bf16")
 
 
@@ -305,15 +307,15 @@ def test_visualdl_missing_is_one_line(archive, tmp_path, monkeypatch, capsys):
 
 
 def test_rough_duration_reads_as_a_person_would_say_it():
-    assert [engine.rough_duration(s) for s in (3, 44, 61, 59 * 60, 3600, 8 * 3600 + 37 * 60)] == \
+    assert [progress.rough_duration(s) for s in (3, 44, 61, 59 * 60, 3600, 8 * 3600 + 37 * 60)] == \
         ["10 s", "40 s", "1 min", "59 min", "1 h", "8 h 40 min"]
 
 
 def test_the_run_estimate_times_steps_after_the_first_and_speaks_once(monkeypatch):
     clock, lines = iter([100.0, 105.0]), []  # steps 3..12 of the run take 5 s: 0.5 s a step
-    monkeypatch.setattr(engine.time, "time", lambda: next(clock))
-    monkeypatch.setattr(engine, "log", lines.append)
-    estimate = engine.RunEstimate(total_iterations=7212, start_iteration=0)
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    monkeypatch.setattr(progress, "log", lines.append)
+    estimate = progress.RunEstimate(total_iterations=7212, start_iteration=0)
     for iteration in range(1, 40):
         estimate.step(iteration)
     assert lines == ["the run's 7,200 remaining training steps: about 1 h on this machine "

@@ -5,10 +5,11 @@
 // OIHW weights (converted to bfloat16 per call for a bfloat16 input; their gradient is
 // float32 either way), square kernel, one stride
 // and one padding for both axes, no bias, no dilation, groups 1. The Python side
-// (onednn_conv/__init__.py) checks that before calling and falls back to Paddle's conv2d
-// otherwise. Tensors stay in Paddle's plain NCHW/OIHW layout between calls: each call
-// reorders into the layout oneDNN chooses for the shape and back (see README.md for
-// what that costs). Primitives are built once per shape and cached.
+// (cpu_kernels.covered, kernels.conv2d) checks that before calling and falls back to
+// Paddle's conv2d otherwise. Tensors stay in Paddle's plain layouts between calls (the
+// activations NHWC on the network's NHWC path, else NCHW; weights OIHW): each call
+// reorders what oneDNN wants in another layout and back (README.md beside this file).
+// Primitives are built once per shape and cached.
 #include <mutex>
 #include <unordered_map>
 #include <vector>

@@ -1,0 +1,119 @@
+"""The kernels' Python side: what a layer of models/layers.py runs once ``use_in`` gave it
+one of these. Each is ``kernel(layer, x, ...)``; the ones of layers that can fork return
+their output twice, (y, y2) (models/layers.py, forked outputs). Each runs our operator
+on CPU tensors of float32 or bfloat16 (the activations; parameters float32), and
+Paddle's ops otherwise (a model moved to a GPU, evaluation's BatchNorm, frozen statistics).
+``nhwc``: the activations are [N, H, W, C], as use_in set them for the whole network.
+"""
+import paddle
+import paddle.nn.functional as F
+
+from . import build
+
+
+def op():
+    """The compiled operators (build.load() succeeded before use_in gave any kernel)."""
+    return build.loaded["op"]
+
+
+def on_cpu_fp32(*tensors):
+    return all(t.dtype == paddle.float32 and t.place.is_cpu_place() for t in tensors)
+
+
+def on_cpu_ours(x, *params):
+    """``x`` float32 or bfloat16 (the operators' activations) and ``params`` float32, all on the CPU."""
+    return x.dtype in (paddle.float32, paddle.bfloat16) and x.place.is_cpu_place() and on_cpu_fp32(*params)
+
+
+def dense(x):
+    """``x`` in its own row-major memory: the operators read it so, and a 3.x view (a
+    transpose) only has strides."""
+    return x.contiguous() if hasattr(x, "is_contiguous") and not x.is_contiguous() else x
+
+
+def data_format(nhwc):
+    return "NHWC" if nhwc else "NCHW"
+
+
+def conv2d(layer, x, nhwc):
+    """A Conv2D (square kernel, one stride and padding, no bias, no groups: use_in checks)."""
+    stride, padding = layer._stride[0], layer._updated_padding[0]
+    if not on_cpu_ours(x, layer.weight):
+        return F.conv2d(x, layer.weight, stride=stride, padding=padding, data_format=data_format(nhwc))
+    x = dense(x)
+    return op().onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient, nhwc)
+
+
+def batch_norm(layer, x, nhwc):
+    """A BatchNormAct2D. In training the operator computes it with its ReLU and updates the
+    running statistics as Paddle's kernel does (momentum on the biased batch variance, in
+    place on the layer's own tensors, so names and checkpoints stay). Evaluation and frozen
+    statistics (fine-tuning's last/head) run on Paddle's kernel."""
+    relu = layer.act == "relu"
+    if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
+        y = paddle_batch_norm(layer, x, relu, nhwc)
+        return y, y
+    y, _, _, y2 = op().batch_norm_relu(dense(x), layer.weight, layer.bias, layer._mean, layer._variance,
+                                       layer._epsilon, layer._momentum, relu, nhwc)
+    return y, y2
+
+
+def paddle_batch_norm(layer, x, relu, nhwc):
+    """``layer`` (and the ReLU) on Paddle's kernel, which has no bfloat16 on the CPU: bf16
+    activations (frozen statistics in bf16 fine-tuning) go through it in fp32 and come back
+    bf16, their gradient too."""
+    bf16 = x.dtype == paddle.bfloat16
+    y = F.batch_norm(bf16_cast(x) if bf16 else x, layer._mean, layer._variance, layer.weight, layer.bias,
+                     training=layer.training, momentum=layer._momentum, epsilon=layer._epsilon,
+                     data_format=data_format(nhwc), use_global_stats=layer._use_global_stats)
+    y = F.relu(y) if relu else y
+    return bf16_cast(y) if bf16 else y
+
+
+def residual_join(layer, out, identity, nhwc):
+    """A ResidualJoin: relu(out + shortcut). The operator reads option A (the stride and
+    the zero channels) straight from the block input."""
+    if not (on_cpu_ours(out) and identity.dtype == out.dtype):
+        if nhwc:  # option A is written for NCHW
+            identity = layer.option_a(identity.transpose([0, 3, 1, 2])).transpose([0, 2, 3, 1])
+        else:
+            identity = layer.option_a(identity)
+        y = F.relu(out + identity)
+        return y, y
+    return op().residual_join(out, identity, layer.stride, nhwc)
+
+
+def max_pool(layer, x, nhwc):
+    """The ImageNet stem's 3x3 stride-2 max pool (padding 1). On NHWC CPU activations, the
+    operator: Paddle's kernel runs on one thread and has no bfloat16 (a ResNet-18 step at
+    224x224, batch 32, spent 28% of its time in it and the casts around it)."""
+    if nhwc and on_cpu_ours(x) and len(x.shape) == 4:
+        return op().max_pool(dense(x))
+    y = F.max_pool2d(x, 3, 2, 1, data_format=data_format(nhwc))
+    return y, y
+
+
+def mean_pool(layer, x, nhwc):
+    """The global average pool: [N, C, 1, 1] float32 of the activations (float32 or
+    bfloat16), in one pass each way on NHWC CPU ones."""
+    n, c = x.shape[0], x.shape[3] if nhwc else x.shape[1]
+    if nhwc and on_cpu_ours(x):
+        return op().mean_pool(x).reshape([n, c, 1, 1])
+    return x.astype("float32").mean(axis=[1, 2] if nhwc else [2, 3]).reshape([n, c, 1, 1])
+
+
+def entry(layer, x, nhwc, bf16):
+    """The image batch [N, 3, H, W] float32 in the network's layout, and in training in
+    bf16 (from the first convolution on; evaluation stays fp32)."""
+    if nhwc:
+        x = x.transpose([0, 2, 3, 1])
+    return bf16_cast(x) if bf16 and layer.training else x
+
+
+def bf16_cast(x):
+    """``x`` (float32 or bfloat16) in the other precision, and its gradient back, rounded to
+    the nearest even: on the CPU by the operator (Paddle 2.6's CPU cast truncates, 3.x's
+    rounds), elsewhere by Paddle's cast."""
+    if x.place.is_cpu_place() and build.loaded.get("op") is not None:
+        return op().bf16_cast(dense(x))
+    return x.astype("float32" if x.dtype == paddle.bfloat16 else "bfloat16")

@@ -1,0 +1,61 @@
+"""The command-line contract every script keeps: a mistake a user can fix is one line and
+exit status 1, Ctrl-C 130, SIGTERM 143 (after the training loop has said what it saved),
+a closed stdout a quiet end; never a traceback for any of them.
+
+    with errors.user_errors():
+        run(argv)
+"""
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+
+class UserError(Exception):
+    """Anything a user can fix (an option, a path, the data, a checkpoint): the message is
+    one line naming the problem and the fix. Every script prints it as ``error: ...``."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, docker stop), handled as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
+def stop_code(stop):
+    """The exit status of a run stopped by ``stop``: 143 for SIGTERM, 130 for Ctrl-C, as a shell gives."""
+    return 143 if isinstance(stop, Terminated) else 130
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Every script's body runs in this: a UserError is one ``error: ...`` line and exit
+    status 1, Ctrl-C or SIGTERM one line and 130/143 (the training loop says what it
+    saved before this), a closed stdout (``| head``) a quiet end, no traceback for any."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as stop:
+        print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: nothing was saved",
+              file=sys.stderr, flush=True)
+        sys.exit(stop_code(stop))
+    except BrokenPipeError:  # the reader of our output went away: end quietly, as `cat` would
+        quiet_stdout()
+        sys.exit(141)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def quiet_stdout():
+    """Point stdout at /dev/null (it is a closed pipe): later prints and the interpreter's
+    final flush then go nowhere instead of raising BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -1,0 +1,136 @@
+"""The layers the networks of models/ are built from, where the CPU path chooses the computation.
+
+Each layer computes with Paddle's ops, as its Paddle parent does, until it is given a
+``kernel``: ``cpu_kernels.use_in(model)`` gives one to each, once, for training on the
+CPU on our operators (cpu_kernels/), and with it the layout (NHWC) and the training dtype
+(bfloat16). Nothing else changes a layer: a Conv2D and a BatchNormAct2D are Paddle's
+Conv2D and BatchNorm2D with Paddle's parameters and names, so checkpoints, exports and
+paddle.vision's weights are the same whoever computes. A kernel is ``kernel(layer, x)``
+and returns the output twice, (y, y2): see ``fork``.
+
+Forked outputs: the output that feeds both a residual block's first convolution and its
+shortcut comes from a layer with ``fork = True``, which returns it twice. Our kernels give
+two tensors on one memory and add their two gradients inside the backward they already
+run; Paddle would add them itself on one thread (~17% of a ResNet-20 bf16 step,
+docs/speed.md). Paddle's ops give the same tensor twice. A block takes the pair apart
+with ``block_inputs``.
+"""
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+
+def block_inputs(x):
+    """(the input of a block's first convolution, the input of its shortcut): the two
+    tensors of a forked output, or ``x`` twice."""
+    return x if isinstance(x, tuple) else (x, x)
+
+
+def forked(layer, y, y2):
+    return (y, y2) if layer.fork else y
+
+
+class Conv2D(nn.Conv2D):
+    """Paddle's Conv2D; the CPU path may compute it on oneDNN (cpu_kernels.kernels.conv2d)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel = None
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(self, x)
+        return super().forward(x)
+
+
+class BatchNormAct2D(nn.BatchNorm2D):
+    """BatchNorm2D, then its activation: ``act`` None or "relu" (as timm's BatchNormAct2d).
+    A BatchNorm2D subclass, so its parameters are Paddle's (``weight``, ``bias``, ``_mean``,
+    ``_variance``) and a frozen one (``_use_global_stats``) stays frozen.
+    x: [N, C, H, W] -> the same shape (NHWC [N, H, W, C] when the CPU path says so)."""
+
+    def __init__(self, num_features, act=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if act not in (None, "relu"):
+            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        self.act, self.kernel, self.fork = act, None, False
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return forked(self, *self.kernel(self, x))
+        y = super().forward(x)
+        y = F.relu(y) if self.act == "relu" else y
+        return forked(self, y, y)
+
+
+class ResidualJoin(nn.Layer):
+    """relu(out + shortcut), where a residual block ends. With ``stride`` > 1 or ``extra``
+    > 0 the shortcut is the paper's option A (section 4.2): the block input subsampled by
+    the stride, with ``extra`` zero channels after its own; no parameters.
+    out: [N, C, H, W], identity: [N, C - extra, H * stride, W * stride] -> [N, C, H, W]"""
+
+    def __init__(self, stride=1, extra=0):
+        super().__init__()
+        self.stride, self.extra, self.kernel, self.fork = stride, extra, None, False
+
+    def forward(self, out, identity):
+        if self.kernel is not None:
+            return forked(self, *self.kernel(self, out, identity))
+        y = F.relu(out + self.option_a(identity))
+        return forked(self, y, y)
+
+    def option_a(self, x):
+        """The option-A shortcut of ``x`` (NCHW): subsampled, zero channels appended."""
+        if self.stride > 1:  # strided_slice: to_static (SOT) cannot parse a slice whose step it traces as a variable
+            x = paddle.strided_slice(x, axes=[2, 3], starts=[0, 0], ends=x.shape[2:], strides=[self.stride] * 2)
+        if self.extra:  # zero channels made from x itself: paddle.zeros_like warns when
+            # exported and F.pad aborts Paddle Inference 3.3.1
+            x = paddle.concat([x, x[:, :self.extra] * 0], axis=1)
+        return x
+
+    def extra_repr(self):
+        return f"stride={self.stride}, extra={self.extra}"
+
+
+class MaxPool2D(nn.MaxPool2D):
+    """Paddle's MaxPool2D (the ImageNet stem's 3x3/2); the CPU path may compute it on our
+    operator, which has bf16 and more than one thread (cpu_kernels.kernels.max_pool)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel, self.fork = None, False
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return forked(self, *self.kernel(self, x))
+        y = super().forward(x)
+        return forked(self, y, y)
+
+
+class GlobalAvgPool2D(nn.AdaptiveAvgPool2D):
+    """The mean over H and W: [N, C, H, W] -> [N, C, 1, 1] float32 (the CPU path's kernel
+    takes NHWC float32 or bfloat16 activations and gives the same)."""
+
+    def __init__(self):
+        super().__init__((1, 1))
+        self.kernel = None
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(self, x)
+        return super().forward(x)
+
+
+class InputCast(nn.Layer):
+    """The image batch as the layers after it take it: unchanged [N, 3, H, W] float32 for
+    Paddle's ops; in the CPU path's layout (NHWC), and in training in its dtype (bfloat16),
+    once its kernel is set. No parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = None
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(self, x)
+        return x

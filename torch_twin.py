@@ -1,0 +1,93 @@
+"""The networks of models/ written in PyTorch, for bench.py's comparison rows only.
+
+PyTorch is never a dependency (``pip install torch==2.13.0`` for these rows).
+torchvision does not install beside the CPU torch wheel here, and has neither the CIFAR
+stem nor the paper's CIFAR nets, so the twin is written here, layer for layer as
+models/resnet.py: the same convolutions, BatchNorms, shortcuts (option A zero padding
+for the CIFAR nets, B projections for the others), pool and classifier.
+
+    model = torch_twin.build("resnet20", "cifar", num_classes=10)
+"""
+import torch.nn as tnn
+import torch.nn.functional as TF
+
+# the networks written here: the ImageNet-family ResNets and the paper's CIFAR ones
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+
+class Block(tnn.Module):
+    expansion = 1
+
+    def __init__(self, cin, c, stride, shortcut):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(cin, c, 3, stride, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(c)
+        self.conv2 = tnn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(c)
+        self.shortcut, self.downsample, self.extra, self.stride = shortcut, None, c - cin, stride
+        if shortcut == "B" and (stride != 1 or cin != c):
+            self.downsample = tnn.Sequential(tnn.Conv2d(cin, c, 1, stride, bias=False), tnn.BatchNorm2d(c))
+
+    def forward(self, x):
+        out = TF.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            x = self.downsample(x)
+        elif self.shortcut == "A" and (self.stride != 1 or self.extra):
+            x = x[:, :, ::self.stride, ::self.stride]
+            x = TF.pad(x, (0, 0, 0, 0, 0, self.extra))
+        return TF.relu(out + x)
+
+
+class Bottleneck(tnn.Module):
+    expansion = 4
+
+    def __init__(self, cin, c, stride, shortcut):
+        super().__init__()
+        self.conv1, self.bn1 = tnn.Conv2d(cin, c, 1, bias=False), tnn.BatchNorm2d(c)
+        self.conv2, self.bn2 = tnn.Conv2d(c, c, 3, stride, 1, bias=False), tnn.BatchNorm2d(c)
+        self.conv3, self.bn3 = tnn.Conv2d(c, 4 * c, 1, bias=False), tnn.BatchNorm2d(4 * c)
+        self.downsample = None
+        if stride != 1 or cin != 4 * c:
+            self.downsample = tnn.Sequential(tnn.Conv2d(cin, 4 * c, 1, stride, bias=False), tnn.BatchNorm2d(4 * c))
+
+    def forward(self, x):
+        out = TF.relu(self.bn1(self.conv1(x)))
+        out = TF.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return TF.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Net(tnn.Module):
+    def __init__(self, block, layers, widths, stem, shortcut, num_classes):
+        super().__init__()
+        k, s = (3, 1) if stem == "cifar" else (7, 2)
+        self.conv1 = tnn.Conv2d(3, widths[0], k, s, k // 2, bias=False)
+        self.bn1 = tnn.BatchNorm2d(widths[0])
+        self.maxpool = tnn.Identity() if stem == "cifar" else tnn.MaxPool2d(3, 2, 1)
+        blocks, cin = [], widths[0]
+        for i, (n, c) in enumerate(zip(layers, widths)):
+            for j in range(n):
+                blocks.append(block(cin, c, 2 if i > 0 and j == 0 else 1, shortcut))
+                cin = c * block.expansion
+        self.blocks = tnn.Sequential(*blocks)
+        self.fc = tnn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(TF.relu(self.bn1(self.conv1(x))))
+        x = self.blocks(x)
+        return self.fc(TF.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build(name, stem, num_classes):
+    """The twin of models.get_model(name, stem=stem, num_classes=num_classes)."""
+    from models.resnet import IMAGENET_LAYERS
+    if name not in MODELS:
+        raise ValueError(f"no PyTorch twin of {name}; there is one of {', '.join(MODELS)}")
+    depth = int(name[len("resnet"):])
+    if depth in IMAGENET_LAYERS:
+        block, layers = IMAGENET_LAYERS[depth]
+        return Net(Bottleneck if block.expansion == 4 else Block, layers, (64, 128, 256, 512), stem, "B", num_classes)
+    n = (depth - 2) // 6
+    return Net(Block, (n, n, n), (16, 32, 64), "cifar", "A", num_classes)
