@@ -6,7 +6,8 @@ CPU on our operators (cpu_kernels/), and with it the layout (NHWC) and the train
 (bfloat16). Nothing else changes a layer: a Conv2D and a BatchNormAct2D are Paddle's
 Conv2D and BatchNorm2D with Paddle's parameters and names, so checkpoints, exports and
 paddle.vision's weights are the same whoever computes. A kernel is ``kernel(layer, x)``
-and returns the output twice, (y, y2): see ``fork``.
+(the join's ``kernel(layer, out, identity)``); the kernels of the layers that can fork
+return their output twice, (y, y2).
 
 Forked outputs: the output that feeds both a residual block's first convolution and its
 shortcut comes from a layer with ``fork = True``, which returns it twice. Our kernels give
