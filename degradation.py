@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
+import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle and numpy load)
 import numpy as np
 import yaml
 
@@ -30,10 +30,11 @@ import checkpoint
 import config
 import data
 import engine
-import models
 import errors
 import files
+import models
 import plots
+import progress
 
 NETS = ("plain20", "plain56", "resnet20", "resnet56")
 
@@ -61,10 +62,10 @@ def train(net, seed, args, loaded):
             raise errors.UserError(f"{cfg.output_dir} holds a run of another recipe ({changed}); use another "
                                    "--output-dir, or the budget it was run with")
     if resume is not None and os.path.exists(done):
-        engine.log(f"{net} seed {seed}: finished before, reusing {done}")
+        progress.log(f"{net} seed {seed}: finished before, reusing {done}")
         with open(done) as f:
             return yaml.safe_load(f)
-    engine.log(f"== {net} seed {seed}" + (" (resuming)" if resume else ""))
+    progress.log(f"== {net} seed {seed}" + (" (resuming)" if resume else ""))
     return engine.fit(cfg, loaded, resume_state=resume)
 
 

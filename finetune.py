@@ -18,8 +18,9 @@ import checkpoint
 import config
 import data
 import engine
-import models
 import errors
+import models
+import progress
 from models.weights import WeightsMismatchError, pretrained_state
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
@@ -58,7 +59,7 @@ def load_pretrained(model, cfg, num_classes):
         keys = models.load_weights(model, state, skip_classifier=not same_head)
     except (ValueError, WeightsMismatchError) as e:
         raise errors.UserError(str(e))
-    engine.log(f"loaded {len(keys)} tensors from {cfg.pretrained}"
+    progress.log(f"loaded {len(keys)} tensors from {cfg.pretrained}"
                + ("" if same_head else f"; new {num_classes}-class classifier"))
 
 
@@ -86,7 +87,7 @@ def main(argv=None):
             load_pretrained(model, cfg, len(classes))
         parameters = apply_strategy(model, cfg.strategy)
         learnable = [p for k, p in model.named_parameters() if not k.endswith(("_mean", "_variance"))]
-        engine.log(f"strategy {cfg.strategy}: {sum(p.size for p in parameters):,} of "
+        progress.log(f"strategy {cfg.strategy}: {sum(p.size for p in parameters):,} of "
                    f"{sum(p.size for p in learnable):,} parameters trainable; classes: {', '.join(classes)}")
         return engine.fit(cfg, loaded, resume_state=resume_state, model=model, parameters=parameters)
 

@@ -266,9 +266,12 @@ def test_a_closed_stdout_never_stops_training_and_ends_a_prediction_quietly(arch
 
 
 # ------------------------------------------------------------------ the operator's cache
-def test_an_empty_cache_variable_means_the_default(monkeypatch):
+def test_an_empty_cache_variable_means_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("CPU_KERNELS_CACHE", "")
     monkeypatch.setenv("ONEDNN_CONV_CACHE", "")
     assert build.cache_root() == os.path.join(os.path.expanduser("~"), ".cache", "resnet-paddle")
+    monkeypatch.setenv("ONEDNN_CONV_CACHE", str(tmp_path))  # the old name, still read
+    assert build.cache_root() == str(tmp_path)
 
 
 def test_a_cache_path_with_a_space_is_built_through_a_plain_link(tmp_path):
@@ -316,7 +319,7 @@ def test_a_truncated_library_in_the_cache_is_rebuilt_once(tmp_path):
     # in a process of its own: Paddle aborts when one process registers the operator twice
     check = f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_settings, cpu_kernels; print(cpu_kernels.load())"
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, ONEDNN_CONV_CACHE=str(cache)))
+                          env=dict(os.environ, CPU_KERNELS_CACHE=str(cache)))
     assert done.stdout.strip().endswith(", None)"), done.stdout + done.stderr
     assert library.stat().st_size > 100_000
     assert "cut short: building it again" in next(cache.glob("cpu_kernels-*/build.log")).read_text()

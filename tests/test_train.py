@@ -341,3 +341,18 @@ def test_a_run_from_python_records_the_command_line_that_trains_it(straight_run)
     config.add_run_arguments(parser, config.TrainConfig, train_cifar10.DEPTHS)
     again, _ = config.run_config(parser.parse_args(shlex.split(command)[2:]), config.TrainConfig)
     assert again == config.make_config(yaml.safe_load(open(straight_run / "config.yaml")))
+
+
+def test_the_old_conv_key_is_cpu_kernels(tmp_path):
+    """--conv onednn|paddle, a recipe's `conv:` and a checkpoint's saved `conv` (before the
+    key was renamed) still choose the CPU kernels, under their new name."""
+    assert config.make_config({"conv": "onednn"}).cpu_kernels == "ours"
+    assert config.make_config({"conv": "paddle"}).cpu_kernels == "paddle"
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model: resnet20\nconv: paddle\n")
+    assert config.make_config(config.load_yaml(str(recipe))).cpu_kernels == "paddle"
+    saved = dict(config.to_dict(config.TrainConfig()), conv="paddle")
+    del saved["cpu_kernels"]
+    assert config.from_checkpoint({"config": saved}).cpu_kernels == "paddle"
+    with pytest.raises(errors.UserError, match="'cpu_kernels' must be one of ours, paddle"):
+        config.make_config({"conv": "mkl"})
