@@ -3,6 +3,9 @@
 Importing this package changes nothing in the process; the CPU settings the scripts use
 (threads, MKL's CPU type, malloc) are cpu_settings.py's, imported before Paddle.
 """
+# Paddle 2.6 bundles a zlib that, loaded before Pillow's, breaks Pillow's PNG decoding and
+# can crash the process (inflateReset2): Pillow first, whoever imports models first.
+import PIL.Image  # noqa: F401
 from .layers import BatchNormAct2D, Conv2D, GlobalAvgPool2D, InputCast, MaxPool2D, ResidualJoin, block_inputs
 from .resnet import (
     CIFAR_ONLY, MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet,

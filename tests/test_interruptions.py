@@ -44,7 +44,7 @@ def hooked(setup, name, *args):
     # Ctrl-C as in a terminal's foreground, also when the tests run in a background job (whose
     # children start with SIGINT ignored, and Python then leaves it ignored)
     code = (f"import signal, sys; sys.path.insert(0, {ROOT!r}); signal.signal(signal.SIGINT, signal.default_int_handler)"
-            f"\nimport models, {module}\n{setup}\n{module}.main(sys.argv[1:])")
+            f"\nimport cpu_settings, models, {module}\n{setup}\n{module}.main(sys.argv[1:])")
     return [sys.executable, "-u", "-c", code, *map(str, args)]
 
 
