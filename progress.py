@@ -7,6 +7,7 @@ import time
 
 import errors
 import launch
+from checkpoint import as_number
 
 
 def log(*args):
@@ -54,7 +55,6 @@ def format_seconds(s):
 def log_step(run, epoch, steps, since, rate):
     """The line every --log-every steps: the epoch's running loss and accuracy, speed, ETA.
     ``since``: (time, seen, step) when this session's epoch began; ``rate`` in img/s."""
-    from checkpoint import as_number
     elapsed = time.time() - since[0]
     eta = elapsed / max(run.step - since[2], 1) * (steps - run.step)
     loss, acc = as_number(run.loss_sum) / run.seen, as_number(run.correct) / run.seen
