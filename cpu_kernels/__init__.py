@@ -62,8 +62,9 @@ def use_in(model, dtype="float32", layout="nhwc"):
     counts = dict(conv=0, norm=0, join=0, pool=0, layout="nhwc" if nhwc else "nchw", dtype=dtype)
     for layer in model.sublayers(include_self=True):
         kind, kernel = kernel_for(layer, nhwc, dtype == "bfloat16", layers)
-        if kernel is not None:
+        if hasattr(layer, "kernel"):  # ours: set anew, so a second use_in leaves no earlier kernel behind
             layer.kernel = kernel
+        if kernel is not None:
             counts[kind] = counts.get(kind, 0) + 1
         if hasattr(layer, "fork"):
             layer.fork = False

@@ -780,3 +780,13 @@ def test_bf16_training_logs_its_units_saves_fp32_and_resumes_exactly(archive, tm
     b = checkpoint.load(str(tmp_path / "b" / "last.pdckpt"))
     for k in a["model"]:  # bit-exact on the same machine
         np.testing.assert_array_equal(np.asarray(a["model"][k]), np.asarray(b["model"][k]), err_msg=k)
+
+
+@needs_op
+def test_a_second_use_in_sets_every_kernel_anew():
+    model = models.resnet18(num_classes=3)
+    cpu_kernels.use_in(model)  # NHWC: the pools and the entry take kernels
+    assert model.maxpool.kernel is not None and model.avgpool.kernel is not None
+    assert cpu_kernels.use_in(model, layout="nchw")["layout"] == "nchw"
+    assert model.maxpool.kernel is None and model.avgpool.kernel is None and model.entry.kernel is None
+    assert model.bn1.kernel is not None and not model.bn1.fork
