@@ -9,6 +9,7 @@ import paddle
 
 import checkpoint
 import cpu_kernels
+from models import layers
 from errors import UserError
 from progress import log
 
@@ -35,7 +36,7 @@ def choose_kernels(model, cfg, device, plan=None):
         log(f"mixed precision: bf16 on {bf16} (activations and their gradients bf16; weights, their gradients, "
             "BatchNorm statistics and the loss fp32; evaluation fp32)")
     log(f"CPU kernels: ours (cpu_kernels/; --cpu-kernels paddle for Paddle's), {n['layout'].upper()}: "
-        f"convolutions {n['conv']}, BatchNorm(+ReLU) {n['norm']}, residual joins {n['join']}, pools {n['pool']}")
+        f"convolutions {n['conv']}, BatchNorm(+activation) {n['norm']}, residual joins {n['join']}, pools {n['pool']}")
     return "ours"
 
 
@@ -60,13 +61,13 @@ def convert_sync_bn(layer):
     """SyncBatchNorm for the trainable BatchNorm layers of ``layer``, in place. Frozen ones
     (``_use_global_stats``, finetune.py's last/head) stay as they are: Paddle's conversion
     drops that flag and SyncBatchNorm always uses batch statistics (GPU audit #4). A
-    BatchNormAct2D's ReLU goes on as a hook of its SyncBatchNorm, which keeps its name."""
+    BatchNormAct2D's activation goes on as a hook of its SyncBatchNorm, which keeps its name."""
     for name, child in layer.named_children():
         if isinstance(child, paddle.nn.layer.norm._BatchNormBase):
             if not child._use_global_stats:
                 synced = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(child)
-                if getattr(child, "act", None) == "relu":
-                    synced.register_forward_post_hook(lambda _, inputs, y: paddle.nn.functional.relu(y))
+                if getattr(child, "act", None):
+                    synced.register_forward_post_hook(lambda _, inputs, y, act=child.act: layers.activate(y, act))
                 setattr(layer, name, synced)
         else:
             convert_sync_bn(child)

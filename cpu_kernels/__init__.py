@@ -41,11 +41,31 @@ def covered(layer):
             and len(set(padding)) == 1)
 
 
+def pool_covered(layer):
+    """Whether our max pool computes ``layer`` (a models.layers.MaxPool2D): a square window,
+    one stride and one padding, floor mode, NCHW."""
+    def square(v):
+        return isinstance(v, int) or len(set(v)) == 1
+    return (not layer.ceil_mode and not layer.return_mask and layer.data_format == "NCHW"
+            and isinstance(layer.padding, (int, list, tuple)) and all(map(square, (layer.ksize, layer.padding)))
+            and (layer.stride is None or square(layer.stride)))
+
+
+def runs_nhwc(model, convs):
+    """Whether ``model`` can run NHWC from its entry to its pooled features: a network of
+    models/ (an entry, a pool and a classifier) whose convolutions and pools are all ours."""
+    from models import layers
+    pools = [layer for layer in model.sublayers() if isinstance(layer, layers.MaxPool2D)]
+    return (isinstance(getattr(model, "entry", None), layers.InputCast) and hasattr(model, "shared_outputs")
+            and model.with_pool and model.num_classes > 0 and all(covered(layer) for layer in convs)
+            and all(pool_covered(layer) for layer in pools))
+
+
 def use_in(model, dtype="float32", layout="nhwc"):
     """Give the layers of ``model`` (built from models/layers.py) their kernels on our
     operators (load() must have succeeded): every covered Conv2D, every BatchNormAct2D and
-    ResidualJoin, and, for a ResNet with its pool and classifier whose convolutions are all
-    covered, the entry, the pools and the NHWC layout (``layout="nchw"`` keeps NCHW, where
+    ResidualJoin, and, for a network of models/ with its pool and classifier whose
+    convolutions and pools are all covered, the entry, the pools and the NHWC layout (``layout="nchw"`` keeps NCHW, where
     oneDNN reorders every convolution's activations). ``dtype="bfloat16"`` (NHWC only)
     trains with bf16 activations and gradients between the operators; weights, their
     gradients, BN statistics and the classifier stay fp32, and evaluation runs in fp32.
@@ -53,12 +73,10 @@ def use_in(model, dtype="float32", layout="nhwc"):
     if not build.loaded.get("op"):
         raise RuntimeError("cpu_kernels.load() did not succeed: " + str(build.loaded.get("why_not")))
     from models import layers
-    from models.resnet import ResNet
     convs = [layer for layer in model.sublayers() if isinstance(layer, nn.Conv2D)]
-    nhwc = (layout == "nhwc" and isinstance(model, ResNet) and model.with_pool and model.num_classes > 0
-            and all(covered(layer) for layer in convs))
+    nhwc = layout == "nhwc" and runs_nhwc(model, convs)
     if dtype == "bfloat16" and not nhwc:
-        raise ValueError("bfloat16 training runs on the NHWC path: a ResNet of models/ with its pool and classifier")
+        raise ValueError("bfloat16 training runs on the NHWC path: a network of models/ with its pool and classifier")
     counts = dict(conv=0, norm=0, join=0, pool=0, layout="nhwc" if nhwc else "nchw", dtype=dtype)
     for layer in model.sublayers(include_self=True):
         kind, kernel = kernel_for(layer, nhwc, dtype == "bfloat16", layers)
@@ -68,8 +86,9 @@ def use_in(model, dtype="float32", layout="nhwc"):
             counts[kind] = counts.get(kind, 0) + 1
         if hasattr(layer, "fork"):
             layer.fork = False
-    if nhwc:
-        fork_block_inputs(model)
+    if nhwc:  # outputs that feed two consumers (models/layers.py, forked outputs)
+        for layer in model.shared_outputs():
+            layer.fork = True
     return counts
 
 
@@ -88,21 +107,8 @@ def kernel_for(layer, nhwc, bf16, layers):
         return "pool", bind(kernels.max_pool, nhwc=nhwc)
     if isinstance(layer, layers.GlobalAvgPool2D):
         return "pool", bind(kernels.mean_pool, nhwc=nhwc)
+    if isinstance(layer, layers.GlobalMaxPool2D):
+        return "pool", bind(kernels.global_max_pool, nhwc=nhwc)
     if isinstance(layer, layers.InputCast):
         return "entry", bind(kernels.entry, nhwc=nhwc, bf16=bf16)
     return None, None
-
-
-def fork_block_inputs(model):
-    """Fork every output that a residual block takes in (models/layers.py, forked outputs):
-    the stem's (its pool's, when it has one) and each block's before a residual block."""
-    blocks = [block for stage in model.stages for block in stage]
-    outputs = [model.maxpool if model.maxpool is not None else model.bn1]
-    outputs += [block.join if block.join is not None else last_norm(block) for block in blocks[:-1]]
-    for output, block in zip(outputs, blocks):
-        output.fork = block.join is not None
-
-
-def last_norm(block):
-    """The BatchNormAct2D that ends a plain block (bn2 of a basic block, bn3 of a bottleneck)."""
-    return block.bn3 if hasattr(block, "bn3") else block.bn2

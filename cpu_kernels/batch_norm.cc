@@ -1,10 +1,12 @@
-// batch_norm_relu: BatchNorm in training with the ReLU after it fused (relu=false: BN
-// alone), NCHW float32 or NHWC float32/bfloat16. It returns the batch mean and biased
-// variance, and updates the layer's running statistics (RunningMean, RunningVariance)
-// with them in place, as Paddle's kernel does: eight eager ops a layer less (~80 us each
-// layer, 2-3% of a ResNet-20 step). They are written through the inputs: Paddle's inplace
-// map refuses a layer's buffers as the inplace inputs of an operator that has a gradient.
-// Its output twice (Y2: common.h, forked outputs).
+// batch_norm_act: BatchNorm in training with the activation after it fused (act: 0 none,
+// 1 ReLU, 2 GELU), NCHW float32 or NHWC float32/bfloat16. It returns the batch mean and
+// biased variance, and updates the layer's running statistics (RunningMean,
+// RunningVariance) with them in place, as Paddle's kernel does: eight eager ops a layer
+// less (~80 us each layer, 2-3% of a ResNet-20 step). They are written through the inputs:
+// Paddle's inplace map refuses a layer's buffers as the inplace inputs of an operator that
+// has a gradient. Its output twice (Y2: common.h, forked outputs). The backward finds the
+// ReLU's mask in Y and recomputes GELU's input from X (one multiply-add), so nothing more
+// is kept.
 #include <cmath>
 #include <type_traits>
 
@@ -21,20 +23,39 @@ struct Planes {  // x: [n, c, h, w] float32: channel c is n planes of h * w valu
 };
 
 Planes planes_of(const paddle::Tensor &x) {
-  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32, "batch_norm_relu: float32 CPU tensors only");
+  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32, "batch_norm_act: float32 CPU tensors only");
   auto s = x.shape();
-  PD_CHECK(s.size() == 4, "batch_norm_relu: a 4-D input expected");
+  PD_CHECK(s.size() == 4, "batch_norm_act: a 4-D input expected");
   return Planes{s[0], s[1], s[2] * s[3]};
+}
+
+// f(std::integral_constant<int, act>()): each loop compiled for its activation.
+template <typename F>
+auto with_act(int act, F f) {
+  PD_CHECK(act == kNone || act == kRelu || act == kGelu, "batch_norm_act: act must be 0 (none), 1 (relu) or 2 (gelu)");
+  if (act == kRelu) return f(std::integral_constant<int, kRelu>());
+  if (act == kGelu) return f(std::integral_constant<int, kGelu>());
+  return f(std::integral_constant<int, kNone>());
+}
+
+template <int A>
+inline float activate(float z) { return A == kRelu ? relu(z) : A == kGelu ? gelu(z) : z; }
+
+// The gradient at the activation's input z, from the gradient g at its output y.
+template <int A>
+inline float through(float g, float y, float z) {
+  return A == kRelu ? (y > 0.f ? g : 0.f) : A == kGelu ? g * gelu_grad(z) : g;
 }
 
 }  // namespace
 
-// y = relu?((x - mean) / sqrt(var + eps) * scale + shift) with the batch's mean and biased
+// y = act(((x - mean) / sqrt(var + eps) * scale + shift) with the batch's mean and biased
 // variance per channel, each computed in two passes as Paddle's kernel does
 // (phi/kernels/cpu/batch_norm_kernel.cc), summed in double. Channels are shared out over
 // the threads; every inner loop runs over one contiguous plane.
+template <int A>
 std::vector<paddle::Tensor> NormForwardNCHW(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                            const paddle::Tensor &shift, float epsilon, bool relu) {
+                                            const paddle::Tensor &shift, float epsilon) {
   Planes p = planes_of(x);
   paddle::Tensor y = floats_like(x.shape()), mean = floats_like({p.c}), variance = floats_like({p.c});
   const float *px = x.data<float>(), *pw = scale.data<float>(), *pb = shift.data<float>();
@@ -64,10 +85,8 @@ std::vector<paddle::Tensor> NormForwardNCHW(const paddle::Tensor &x, const paddl
     for (int64_t i = 0; i < p.n; ++i) {
       const float *v = p.at(px, i, c);
       float *out = p.at(py, i, c);
-      if (relu)
-        for (int64_t k = 0; k < p.plane; ++k) out[k] = std::max(v[k] * a + b, 0.f);
-      else
-        for (int64_t k = 0; k < p.plane; ++k) out[k] = v[k] * a + b;
+#pragma omp simd
+      for (int64_t k = 0; k < p.plane; ++k) out[k] = activate<A>(v[k] * a + b);
     }
     pm[c] = m;
     pv[c] = var;
@@ -75,29 +94,31 @@ std::vector<paddle::Tensor> NormForwardNCHW(const paddle::Tensor &x, const paddl
   return {y, mean, variance};
 }
 
-// The gradients through BN (and the ReLU, from where y > 0): with g = dy masked by the
-// ReLU and xhat = (x - mean) * inv_std, dscale = sum(g * xhat), dshift = sum(g) and
+// The gradients through BN and its activation: with g = dy through the activation (the
+// ReLU's mask where y > 0, GELU's derivative at its input) and xhat = (x - mean) * inv_std, dscale = sum(g * xhat), dshift = sum(g) and
 // dx = scale * inv_std * (g - dshift / count - xhat * dscale / count).
+template <int A>
 std::vector<paddle::Tensor> NormBackwardNCHW(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                             const paddle::Tensor &y, const paddle::Tensor &mean,
-                                             const paddle::Tensor &variance, const paddle::Tensor &grad_y,
-                                             float epsilon, bool relu) {
+                                             const paddle::Tensor &shift, const paddle::Tensor &y,
+                                             const paddle::Tensor &mean, const paddle::Tensor &variance,
+                                             const paddle::Tensor &grad_y, float epsilon) {
   Planes p = planes_of(x);
   paddle::Tensor grad_x = floats_like(x.shape()), grad_scale = floats_like({p.c}), grad_shift = floats_like({p.c});
-  const float *px = x.data<float>(), *pw = scale.data<float>(), *py = y.data<float>(), *pm = mean.data<float>(),
-              *pv = variance.data<float>(), *pg = grad_y.data<float>();
+  const float *px = x.data<float>(), *pw = scale.data<float>(), *pb = shift.data<float>(), *py = y.data<float>(),
+              *pm = mean.data<float>(), *pv = variance.data<float>(), *pg = grad_y.data<float>();
   float *gx = grad_x.data<float>(), *gw = grad_scale.data<float>(), *gb = grad_shift.data<float>();
   const double count = double(p.n * p.plane);
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < p.c; ++c) {
     const float m = pm[c], inv_std = 1.f / std::sqrt(pv[c] + epsilon);
+    const float za = pw[c] * inv_std, zb = pb[c] - m * za;  // the activation's input: x * za + zb
     double sum_g = 0, sum_gx = 0;
     for (int64_t i = 0; i < p.n; ++i) {
       const float *v = p.at(px, i, c), *g = p.at(pg, i, c), *out = p.at(py, i, c);
       float s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
       for (int64_t k = 0; k < p.plane; ++k) {
-        const float gk = (!relu || out[k] > 0.f) ? g[k] : 0.f;
+        const float gk = through<A>(g[k], out[k], v[k] * za + zb);
         s += gk;
         sx += gk * (v[k] - m);
       }
@@ -109,8 +130,9 @@ std::vector<paddle::Tensor> NormBackwardNCHW(const paddle::Tensor &x, const padd
     for (int64_t i = 0; i < p.n; ++i) {
       const float *v = p.at(px, i, c), *g = p.at(pg, i, c), *out = p.at(py, i, c);
       float *dx = p.at(gx, i, c);
+#pragma omp simd
       for (int64_t k = 0; k < p.plane; ++k) {
-        const float gk = (!relu || out[k] > 0.f) ? g[k] : 0.f;
+        const float gk = through<A>(g[k], out[k], v[k] * za + zb);
         dx[k] = a * (gk - mean_g - (v[k] - m) * k_x);
       }
     }
@@ -178,9 +200,9 @@ struct Wide {
   }
 };
 
-template <typename T>
+template <typename T, int A>
 std::vector<paddle::Tensor> NormForwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                            const paddle::Tensor &shift, float epsilon, bool relu) {
+                                            const paddle::Tensor &shift, float epsilon) {
   auto s = x.shape();
   const int64_t c = s[3], rows = s[0] * s[1] * s[2];
   const Wide wide(rows, c);
@@ -216,22 +238,17 @@ std::vector<paddle::Tensor> NormForwardNHWC(const paddle::Tensor &x, const paddl
   for (int64_t r = 0; r < wide.rows; ++r) {
     const T *v = px + r * w;
     T *out = py + r * w;
-    if (relu) {
 #pragma omp simd
-      for (int64_t k = 0; k < w; ++k) store(out, k, std::max(load(v, k) * a[k] + b[k], 0.f));
-    } else {
-#pragma omp simd
-      for (int64_t k = 0; k < w; ++k) store(out, k, load(v, k) * a[k] + b[k]);
-    }
+    for (int64_t k = 0; k < w; ++k) store(out, k, activate<A>(load(v, k) * a[k] + b[k]));
   }
   return {y, mean, variance};
 }
 
-template <typename G>
+template <int A, typename G>
 std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                             const paddle::Tensor &y, const paddle::Tensor &mean,
-                                             const paddle::Tensor &variance, G grad_y, float epsilon,
-                                             bool relu) {
+                                             const paddle::Tensor &shift, const paddle::Tensor &y,
+                                             const paddle::Tensor &mean, const paddle::Tensor &variance, G grad_y,
+                                             float epsilon) {
   using T = typename G::type;
   auto s = x.shape();
   const int64_t c = s[3], rows = s[0] * s[1] * s[2];
@@ -245,12 +262,19 @@ std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const padd
   float *gw = grad_scale.data<float>(), *gb = grad_shift.data<float>();
   const std::vector<float> wide_m = wide.repeat(mean.data<float>(), c);
   const float *m = wide_m.data();
+  std::vector<float> za_c(c), zb_c(c);  // the activation's input: x * za + zb
+  for (int64_t k = 0; k < c; ++k) {
+    za_c[k] = pw[k] / std::sqrt(pv[k] + epsilon);
+    zb_c[k] = shift.data<float>()[k] - mean.data<float>()[k] * za_c[k];
+  }
+  const std::vector<float> wide_za = wide.repeat(za_c.data(), c), wide_zb = wide.repeat(zb_c.data(), c);
+  const float *za = wide_za.data(), *zb = wide_zb.data();
   std::vector<double> sums = wide.fold(channel_sums(wide.rows, w, 2, [&](int64_t r, float *acc) {
     const T *v = px + r * w, *out = py + r * w;
     const auto g = grad_y.row(r * w);
 #pragma omp simd
     for (int64_t k = 0; k < w; ++k) {
-      const float gk = (!relu || load(out, k) > 0.f) ? g[k] : 0.f;
+      const float gk = through<A>(g[k], load(out, k), load(v, k) * za[k] + zb[k]);
       acc[k] += gk;
       acc[w + k] += gk * (load(v, k) - m[k]);
     }
@@ -274,7 +298,7 @@ std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const padd
     T *dx = gx + r * w;
 #pragma omp simd
     for (int64_t k = 0; k < w; ++k) {
-      const float gk = (!relu || load(out, k) > 0.f) ? g[k] : 0.f;
+      const float gk = through<A>(g[k], load(out, k), load(v, k) * za[k] + zb[k]);
       store(dx, k, a[k] * (gk - mean_g[k] - (load(v, k) - m[k]) * k_x[k]));
     }
   }
@@ -282,13 +306,16 @@ std::vector<paddle::Tensor> NormBackwardNHWC(const paddle::Tensor &x, const padd
 }
 
 std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                        const paddle::Tensor &shift, float epsilon, bool relu, bool nhwc) {
-  PD_CHECK(x.is_cpu() && x.shape().size() == 4, "batch_norm_relu: a 4-D CPU tensor expected");
-  return with_dtype(x.dtype(), "batch_norm_relu", [&](auto tag) {
-    using T = decltype(tag);
-    if (nhwc) return NormForwardNHWC<T>(x, scale, shift, epsilon, relu);
-    PD_CHECK((std::is_same<T, float>::value), "batch_norm_relu: bfloat16 runs on NHWC tensors");
-    return NormForwardNCHW(x, scale, shift, epsilon, relu);
+                                        const paddle::Tensor &shift, float epsilon, int act, bool nhwc) {
+  PD_CHECK(x.is_cpu() && x.shape().size() == 4, "batch_norm_act: a 4-D CPU tensor expected");
+  return with_act(act, [&](auto a) {
+    constexpr int A = decltype(a)::value;
+    return with_dtype(x.dtype(), "batch_norm_act", [&](auto tag) {
+      using T = decltype(tag);
+      if (nhwc) return NormForwardNHWC<T, A>(x, scale, shift, epsilon);
+      PD_CHECK((std::is_same<T, float>::value), "batch_norm_act: bfloat16 runs on NHWC tensors");
+      return NormForwardNCHW<A>(x, scale, shift, epsilon);
+    });
   });
 }
 
@@ -296,7 +323,7 @@ std::vector<paddle::Tensor> NormForward(const paddle::Tensor &x, const paddle::T
 // (phi/kernels/cpu/batch_norm_kernel.cc) updates its running mean and variance.
 void update_running(const paddle::Tensor &running, const paddle::Tensor &batch, float momentum) {
   PD_CHECK(running.is_cpu() && running.dtype() == paddle::DataType::FLOAT32 && running.numel() == batch.numel(),
-           "batch_norm_relu: running statistics: one float32 CPU value per channel");
+           "batch_norm_act: running statistics: one float32 CPU value per channel");
   float *r = const_cast<float *>(running.data<float>());
   const float *b = batch.data<float>();
   const float rest = float(1. - momentum);
@@ -306,8 +333,8 @@ void update_running(const paddle::Tensor &running, const paddle::Tensor &batch, 
 std::vector<paddle::Tensor> NormForwardForked(const paddle::Tensor &x, const paddle::Tensor &scale,
                                               const paddle::Tensor &shift, const paddle::Tensor &running_mean,
                                               const paddle::Tensor &running_variance, float epsilon, float momentum,
-                                              bool relu, bool nhwc) {
-  std::vector<paddle::Tensor> out = NormForward(x, scale, shift, epsilon, relu, nhwc);
+                                              int act, bool nhwc) {
+  std::vector<paddle::Tensor> out = NormForward(x, scale, shift, epsilon, act, nhwc);
   update_running(running_mean, out[1], momentum);
   update_running(running_variance, out[2], momentum);
   out.push_back(out[0]);  // Y2: the same tensor, for a second consumer
@@ -315,23 +342,26 @@ std::vector<paddle::Tensor> NormForwardForked(const paddle::Tensor &x, const pad
 }
 
 std::vector<paddle::Tensor> NormBackward(const paddle::Tensor &x, const paddle::Tensor &scale,
-                                         const paddle::Tensor &y, const paddle::Tensor &mean,
-                                         const paddle::Tensor &variance, const paddle::Tensor &grad_y,
-                                         const paddle::Tensor &grad_y2, float epsilon, float /*momentum*/,
-                                         bool relu, bool nhwc) {
-  if (!nhwc) {
-    PD_CHECK(!grad_y2.initialized(), "batch_norm_relu: a second consumer of Y (Y2) runs on NHWC only");
-    return NormBackwardNCHW(x, scale, y, mean, variance, grad_y, epsilon, relu);
-  }
-  return with_grad(grad_y, grad_y2, "batch_norm_relu",
-                   [&](auto g) { return NormBackwardNHWC(x, scale, y, mean, variance, g, epsilon, relu); });
+                                         const paddle::Tensor &shift, const paddle::Tensor &y,
+                                         const paddle::Tensor &mean, const paddle::Tensor &variance,
+                                         const paddle::Tensor &grad_y, const paddle::Tensor &grad_y2, float epsilon,
+                                         float /*momentum*/, int act, bool nhwc) {
+  return with_act(act, [&](auto a) {
+    constexpr int A = decltype(a)::value;
+    if (!nhwc) {
+      PD_CHECK(!grad_y2.initialized(), "batch_norm_act: a second consumer of Y (Y2) runs on NHWC only");
+      return NormBackwardNCHW<A>(x, scale, shift, y, mean, variance, grad_y, epsilon);
+    }
+    return with_grad(grad_y, grad_y2, "batch_norm_act",
+                     [&](auto g) { return NormBackwardNHWC<A>(x, scale, shift, y, mean, variance, g, epsilon); });
+  });
 }
 
 std::vector<std::vector<int64_t>> NormInferShape(const std::vector<int64_t> &x, const std::vector<int64_t> &scale,
                                                  const std::vector<int64_t> &shift,
                                                  const std::vector<int64_t> &running_mean,
                                                  const std::vector<int64_t> &running_variance, float epsilon,
-                                                 float momentum, bool relu, bool nhwc) {
+                                                 float momentum, int act, bool nhwc) {
   const int64_t c = nhwc ? x[3] : x[1];
   return {x, {c}, {c}, x};
 }
@@ -342,16 +372,16 @@ std::vector<paddle::DataType> NormInferDtype(const paddle::DataType &x, const pa
   return {x, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32, x};
 }
 
-PD_BUILD_OP(batch_norm_relu)
+PD_BUILD_OP(batch_norm_act)
     .Inputs({"X", "Scale", "Shift", "RunningMean", "RunningVariance"})
     .Outputs({"Y", "Mean", "Variance", "Y2"})
-    .Attrs({"epsilon: float", "momentum: float", "relu: bool", "nhwc: bool"})
+    .Attrs({"epsilon: float", "momentum: float", "act: int", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(NormForwardForked))
     .SetInferShapeFn(PD_INFER_SHAPE(NormInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(NormInferDtype));
 
-PD_BUILD_GRAD_OP(batch_norm_relu)
-    .Inputs({"X", "Scale", "Y", "Mean", "Variance", paddle::Grad("Y"), paddle::Grad("Y2")})
+PD_BUILD_GRAD_OP(batch_norm_act)
+    .Inputs({"X", "Scale", "Shift", "Y", "Mean", "Variance", paddle::Grad("Y"), paddle::Grad("Y2")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Shift")})
-    .Attrs({"epsilon: float", "momentum: float", "relu: bool", "nhwc: bool"})
+    .Attrs({"epsilon: float", "momentum: float", "act: int", "nhwc: bool"})
     .SetKernelFn(PD_KERNEL(NormBackward));

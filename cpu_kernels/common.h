@@ -18,6 +18,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -89,5 +90,52 @@ auto with_grad(const paddle::Tensor &first, const paddle::Tensor &second, const 
 }
 
 inline float relu(float v) { return std::max(v, 0.f); }
+
+// The activations after a BatchNorm (batch_norm.cc's act attribute).
+enum Act : int { kNone = 0, kRelu = 1, kGelu = 2 };
+
+// exp(x) for x <= 0, in float, written out so that a vector loop keeps it (a call to the
+// library's expf would stop the loop from vectorising): x = n ln2 + r, exp(r) by Cephes'
+// expf polynomial, 2^n put into the exponent bits. Below -87 it returns 2^-126 x exp(r),
+// which is as good as 0 where it is used (a weight of a GELU's tail).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// GELU, the exact one (x times the normal CDF, Paddle's gelu with approximate=False and
+// PyTorch's default), and its derivative. The CDF by Abramowitz and Stegun 7.1.26: erfc(z)
+// = poly(t) exp(-z^2), t = 1 / (1 + 0.3275911 z), z = |x| / sqrt(2), absolute error under
+// 1.5e-7 (under float32's rounding of the CDF near 1). Both sides of zero use erfc, so
+// the far left tail keeps its relative precision instead of cancelling in 1 - erf.
+struct Gelu {
+  float cdf, pdf;  // of the standard normal at x
+  explicit Gelu(float x) {
+    const float z = std::fabs(x) * 0.70710678118654752f, t = 1.f / (1.f + 0.3275911f * z);
+    const float e = exp_nonpositive(-z * z);
+    const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
+                       t * 1.061405429f))));
+    const float half_erfc = 0.5f * poly * e;
+    cdf = x >= 0.f ? 1.f - half_erfc : half_erfc;
+    pdf = 0.39894228040143268f * e;
+  }
+};
+inline float gelu(float x) { return x * Gelu(x).cdf; }
+inline float gelu_grad(float x) {  // d/dx x Phi(x) = Phi(x) + x phi(x)
+  const Gelu g(x);
+  return g.cdf + x * g.pdf;
+}
 
 }  // namespace cpu_kernels

@@ -8,6 +8,8 @@ Paddle's ops otherwise (a model moved to a GPU, evaluation's BatchNorm, frozen s
 import paddle
 import paddle.nn.functional as F
 
+from models.layers import frozen_scale, shift_after_norm
+
 from . import build
 
 
@@ -44,53 +46,80 @@ def conv2d(layer, x, nhwc):
     return op().onednn_conv2d(x, layer.weight, stride, padding, not x.stop_gradient, nhwc)
 
 
+ACTS = {None: 0, "relu": 1, "gelu": 2}  # batch_norm.cc's act attribute
+
+
 def batch_norm(layer, x, nhwc):
-    """A BatchNormAct2D. In training the operator computes it with its ReLU and updates the
-    running statistics as Paddle's kernel does (momentum on the biased batch variance, in
-    place on the layer's own tensors, so names and checkpoints stay). Evaluation and frozen
-    statistics (fine-tuning's last/head) run on Paddle's kernel."""
-    relu = layer.act == "relu"
+    """A BatchNormAct2D. In training the operator computes it with its activation and
+    updates the running statistics as Paddle's kernel does (momentum on the biased batch
+    variance, in place on the layer's own tensors, so names and checkpoints stay).
+    Evaluation and frozen statistics (fine-tuning's last/head) run on Paddle's kernel."""
     if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
-        y = paddle_batch_norm(layer, x, relu, nhwc)
+        y = paddle_batch_norm(layer, x, nhwc)
         return y, y
-    y, _, _, y2 = op().batch_norm_relu(dense(x), layer.weight, layer.bias, layer._mean, layer._variance,
-                                       layer._epsilon, layer._momentum, relu, nhwc)
+    y, _, _, y2 = op().batch_norm_act(dense(x), layer.weight, layer.bias, layer._mean, layer._variance,
+                                      layer._epsilon, layer._momentum, ACTS[layer.act], nhwc)
     return y, y2
 
 
-def paddle_batch_norm(layer, x, relu, nhwc):
-    """``layer`` (and the ReLU) on Paddle's kernel, which has no bfloat16 on the CPU: bf16
-    activations (frozen statistics in bf16 fine-tuning) go through it in fp32 and come back
-    bf16, their gradient too."""
+def paddle_batch_norm(layer, x, nhwc):
+    """``layer`` (and its activation) on Paddle's kernel, which has no bfloat16 on the CPU:
+    bf16 activations (frozen statistics in bf16 fine-tuning) go through it in fp32 and
+    come back bf16, their gradient too."""
     bf16 = x.dtype == paddle.bfloat16
-    y = F.batch_norm(bf16_cast(x) if bf16 else x, layer._mean, layer._variance, layer.weight, layer.bias,
-                     training=layer.training, momentum=layer._momentum, epsilon=layer._epsilon,
-                     data_format=data_format(nhwc), use_global_stats=layer._use_global_stats)
-    y = F.relu(y) if relu else y
+    x = bf16_cast(x) if bf16 else x
+    if frozen_scale(layer):
+        y = shift_after_norm(layer, x, data_format(nhwc))
+    else:
+        y = F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
+                         momentum=layer._momentum, epsilon=layer._epsilon, data_format=data_format(nhwc),
+                         use_global_stats=layer._use_global_stats)
+    y = layer.activation(y)
     return bf16_cast(y) if bf16 else y
 
 
 def residual_join(layer, out, identity, nhwc):
-    """A ResidualJoin: relu(out + shortcut). The operator reads option A (the stride and
-    the zero channels) straight from the block input."""
+    """A ResidualJoin: relu(out + shortcut), or the sum alone. The operator reads option A
+    (the stride and the zero channels) straight from the block input."""
+    relu = layer.act == "relu"
     if not (on_cpu_ours(out) and identity.dtype == out.dtype):
         if nhwc:  # option A is written for NCHW
             identity = layer.option_a(identity.transpose([0, 3, 1, 2])).transpose([0, 2, 3, 1])
         else:
             identity = layer.option_a(identity)
-        y = F.relu(out + identity)
+        y = out + identity
+        y = F.relu(y) if relu else y
         return y, y
-    return op().residual_join(out, identity, layer.stride, nhwc)
+    return op().residual_join(out, identity, layer.stride, nhwc, relu)
 
 
 def max_pool(layer, x, nhwc):
-    """The ImageNet stem's 3x3 stride-2 max pool (padding 1). On NHWC CPU activations, the
-    operator: Paddle's kernel runs on one thread and has no bfloat16 (a ResNet-18 step at
-    224x224, batch 32, spent 28% of its time in it and the casts around it)."""
+    """A MaxPool2D (square window, one stride and padding, floor mode: use_in checks). On
+    NHWC CPU activations, the operator: Paddle's kernel runs on one thread and has no
+    bfloat16 (a ResNet-18 step at 224x224, batch 32, spent 28% of its time in the stem's
+    pool and the casts around it)."""
+    k, s, p = pool_window(layer)
     if nhwc and on_cpu_ours(x) and len(x.shape) == 4:
-        return op().max_pool(dense(x))
-    y = F.max_pool2d(x, 3, 2, 1, data_format=data_format(nhwc))
+        return op().max_pool(dense(x), k, s, p)
+    y = F.max_pool2d(x, k, s, p, data_format=data_format(nhwc))
     return y, y
+
+
+def pool_window(layer):
+    """(kernel, stride, padding) of a square MaxPool2D, as ints."""
+    def one(v):
+        return v if isinstance(v, int) else v[0]
+    return one(layer.ksize), one(layer.stride if layer.stride is not None else layer.ksize), one(layer.padding)
+
+
+def global_max_pool(layer, x, nhwc):
+    """The max over H and W: [N, C, 1, 1] float32 of the activations (float32 or bfloat16),
+    on NHWC CPU ones by the operator with one window the size of the image."""
+    n, c = x.shape[0], x.shape[3] if nhwc else x.shape[1]
+    if nhwc and on_cpu_ours(x) and x.shape[1] == x.shape[2]:
+        y = op().max_pool(dense(x), x.shape[1], x.shape[1], 0)[0]
+        return (bf16_cast(y) if y.dtype == paddle.bfloat16 else y).reshape([n, c, 1, 1])
+    return x.astype("float32").max(axis=[1, 2] if nhwc else [2, 3]).reshape([n, c, 1, 1])
 
 
 def mean_pool(layer, x, nhwc):

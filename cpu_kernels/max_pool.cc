@@ -4,8 +4,9 @@
 
 using namespace cpu_kernels;
 
-// max_pool: the ImageNet stem's 3x3 stride-2 max pool (padding 1) of NHWC activations, as
-// Paddle's kernel computes it (phi/kernels/funcs/pooling.cc, which runs on one thread and
+// max_pool: a k x k max pool with stride s and padding p of NHWC activations (the ImageNet
+// stem's 3x3/2 padding 1; the fast network's 2x2/2 and its final 3x3/3), as Paddle's
+// kernel computes it (floor mode) (phi/kernels/funcs/pooling.cc, which runs on one thread and
 // has no bfloat16): each window's max over its positions inside the image, and backward
 // each output's gradient to the first position of its window, row by row, equal to that
 // max. Images are shared out over the threads, so the backward's scatter never races; its
@@ -13,13 +14,19 @@ using namespace cpu_kernels;
 // output twice, as the join's (Y2: the first block's convolution and its shortcut).
 namespace {
 
-struct Window {  // an NHWC image h x w of c channels, pooled to oh x ow
-  int64_t h, w, c, oh, ow;
-  int64_t first(int64_t o) const { return std::max<int64_t>(2 * o - 1, 0); }
-  int64_t end(int64_t o, int64_t size) const { return std::min<int64_t>(2 * o + 2, size); }
+struct Window {  // an NHWC image h x w of c channels, pooled by k x k windows at stride s, padding p, to oh x ow
+  int64_t h, w, c, k, s, p, oh, ow;
+  int64_t first(int64_t o) const { return std::max<int64_t>(o * s - p, 0); }
+  int64_t end(int64_t o, int64_t size) const { return std::min<int64_t>(o * s - p + k, size); }
 };
 
-Window window_of(const std::vector<int64_t> &s) { return Window{s[1], s[2], s[3], (s[1] + 1) / 2, (s[2] + 1) / 2}; }
+int64_t pooled(int64_t size, int k, int s, int p) { return (size + 2 * p - k) / s + 1; }
+
+Window window_of(const std::vector<int64_t> &x, int k, int s, int p) {
+  PD_CHECK(k >= 1 && s >= 1 && 0 <= p && p < k && x[1] + 2 * p >= k && x[2] + 2 * p >= k,
+           "max_pool: the window must fit the padded image, with padding below the window");
+  return Window{x[1], x[2], x[3], k, s, p, pooled(x[1], k, s, p), pooled(x[2], k, s, p)};
+}
 
 template <typename T>
 void max_pool_forward(const T *x, T *y, int64_t n, const Window &p) {
@@ -81,10 +88,10 @@ void max_pool_backward(const typename G::type *x, const typename G::type *y, G g
 
 }  // namespace
 
-std::vector<paddle::Tensor> MaxPoolForward(const paddle::Tensor &x) {
+std::vector<paddle::Tensor> MaxPoolForward(const paddle::Tensor &x, int kernel, int stride, int padding) {
   auto s = x.shape();
   PD_CHECK(x.is_cpu() && s.size() == 4, "max_pool: a 4-D NHWC CPU tensor expected");
-  const Window p = window_of(s);
+  const Window p = window_of(s, kernel, stride, padding);
   paddle::Tensor y = paddle::empty({s[0], p.oh, p.ow, s[3]}, x.dtype(), paddle::CPUPlace());
   with_dtype(x.dtype(), "max_pool", [&](auto tag) {
     using T = decltype(tag);
@@ -94,8 +101,9 @@ std::vector<paddle::Tensor> MaxPoolForward(const paddle::Tensor &x) {
 }
 
 std::vector<paddle::Tensor> MaxPoolBackward(const paddle::Tensor &x, const paddle::Tensor &y,
-                                            const paddle::Tensor &grad_y, const paddle::Tensor &grad_y2) {
-  const Window p = window_of(x.shape());
+                                            const paddle::Tensor &grad_y, const paddle::Tensor &grad_y2, int kernel,
+                                            int stride, int padding) {
+  const Window p = window_of(x.shape(), kernel, stride, padding);
   paddle::Tensor grad_x = paddle::empty(x.shape(), x.dtype(), paddle::CPUPlace());
   with_grad(grad_y, grad_y2, "max_pool", [&](auto g) {
     using T = typename decltype(g)::type;
@@ -104,8 +112,9 @@ std::vector<paddle::Tensor> MaxPoolBackward(const paddle::Tensor &x, const paddl
   return {grad_x};
 }
 
-std::vector<std::vector<int64_t>> MaxPoolInferShape(const std::vector<int64_t> &x) {
-  std::vector<int64_t> y = {x[0], (x[1] + 1) / 2, (x[2] + 1) / 2, x[3]};
+std::vector<std::vector<int64_t>> MaxPoolInferShape(const std::vector<int64_t> &x, int kernel, int stride,
+                                                    int padding) {
+  std::vector<int64_t> y = {x[0], pooled(x[1], kernel, stride, padding), pooled(x[2], kernel, stride, padding), x[3]};
   return {y, y};
 }
 
@@ -114,6 +123,7 @@ std::vector<paddle::DataType> MaxPoolInferDtype(const paddle::DataType &x) { ret
 PD_BUILD_OP(max_pool)
     .Inputs({"X"})
     .Outputs({"Y", "Y2"})
+    .Attrs({"kernel: int", "stride: int", "padding: int"})
     .SetKernelFn(PD_KERNEL(MaxPoolForward))
     .SetInferShapeFn(PD_INFER_SHAPE(MaxPoolInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(MaxPoolInferDtype));
@@ -121,4 +131,5 @@ PD_BUILD_OP(max_pool)
 PD_BUILD_GRAD_OP(max_pool)
     .Inputs({"X", "Y", paddle::Grad("Y"), paddle::Grad("Y2")})
     .Outputs({paddle::Grad("X")})
+    .Attrs({"kernel: int", "stride: int", "padding: int"})
     .SetKernelFn(PD_KERNEL(MaxPoolBackward));

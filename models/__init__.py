@@ -6,10 +6,12 @@ Importing this package changes nothing in the process; the CPU settings the scri
 # Paddle 2.6 bundles a zlib that, loaded before Pillow's, breaks Pillow's PNG decoding and
 # can crash the process (inflateReset2): Pillow first, whoever imports models first.
 import PIL.Image  # noqa: F401
-from .layers import BatchNormAct2D, Conv2D, GlobalAvgPool2D, InputCast, MaxPool2D, ResidualJoin, block_inputs
+from .fast_resnet import ConvGroup, FastResNet, fast_plain, fast_resnet
+from .layers import (BatchNormAct2D, Conv2D, GlobalAvgPool2D, GlobalMaxPool2D, InputCast, MaxPool2D, ResidualJoin,
+                     block_inputs)
+from .registry import CIFAR_ONLY, MODELS, get_model
 from .resnet import (
-    CIFAR_ONLY, MODELS, BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet,
-    get_model, plain20, plain32, plain44, plain56, plain110, resnet18, resnet20, resnet32,
+    BasicBlock, BottleneckBlock, ConvBNLayer, ResidualBlock, ResNet, plain20, plain32, plain44, plain56, plain110, resnet18, resnet20, resnet32,
     resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
     resnext50_32x4d, wide_resnet50_2)
 from .weights import load_weights

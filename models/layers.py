@@ -21,6 +21,18 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 
+ACTIVATIONS = (None, "relu", "gelu")
+
+
+def activate(y, act):
+    """``y`` through ``act``: None, "relu" or "gelu" (the exact one, with erf)."""
+    if act == "relu":
+        return F.relu(y)
+    if act == "gelu":
+        return F.gelu(y)
+    return y
+
+
 def block_inputs(x):
     """(the input of a block's first convolution, the input of its shortcut): the two
     tensors of a forked output, or ``x`` twice."""
@@ -45,39 +57,67 @@ class Conv2D(nn.Conv2D):
 
 
 class BatchNormAct2D(nn.BatchNorm2D):
-    """BatchNorm2D, then its activation: ``act`` None or "relu" (as timm's BatchNormAct2d).
+    """BatchNorm2D, then its activation: ``act`` None, "relu" or "gelu" (the exact GELU,
+    Paddle's default and PyTorch's), as timm's BatchNormAct2d.
     A BatchNorm2D subclass, so its parameters are Paddle's (``weight``, ``bias``, ``_mean``,
     ``_variance``) and a frozen one (``_use_global_stats``) stays frozen.
     x: [N, C, H, W] -> the same shape (NHWC [N, H, W, C] when the CPU path says so)."""
 
     def __init__(self, num_features, act=None, **kwargs):
         super().__init__(num_features, **kwargs)
-        if act not in (None, "relu"):
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be None, 'relu' or 'gelu', got {act!r}")
         self.act, self.kernel, self.fork = act, None, False
 
     def forward(self, x):
         if self.kernel is not None:
             return forked(self, *self.kernel(self, x))
-        y = nn.BatchNorm2D.forward(self, x)
-        y = F.relu(y) if self.act == "relu" else y
+        if frozen_scale(self):
+            y = self.activation(shift_after_norm(self, x, self._data_format))
+        else:
+            y = self.activation(nn.BatchNorm2D.forward(self, x))
         return forked(self, y, y)
+
+    def activation(self, y):
+        return activate(y, self.act)
+
+    def extra_repr(self):
+        return nn.BatchNorm2D.extra_repr(self) + (f", act={self.act}" if self.act else "")
+
+
+def frozen_scale(layer):
+    """Whether of a BatchNorm2D's scale and shift only the shift trains (the fast network's)."""
+    return layer.weight.stop_gradient and not layer.bias.stop_gradient
+
+
+def shift_after_norm(layer, x, data_format):
+    """A BatchNorm2D ``layer`` whose scale is frozen, computed with the scale and shift
+    applied after Paddle's batch_norm: given a scale that needs no gradient, Paddle's
+    batch_norm gives the shift none either (its backward skips both; 2.6 and 3.3.1)."""
+    y = F.batch_norm(x, layer._mean, layer._variance, None, None, training=layer.training, momentum=layer._momentum,
+                     epsilon=layer._epsilon, data_format=data_format, use_global_stats=layer._use_global_stats)
+    shape = [1, -1, 1, 1] if data_format == "NCHW" else [1, 1, 1, -1]
+    return y * layer.weight.reshape(shape) + layer.bias.reshape(shape)
 
 
 class ResidualJoin(nn.Layer):
-    """relu(out + shortcut), where a residual block ends. With ``stride`` > 1 or ``extra``
-    > 0 the shortcut is the paper's option A (section 4.2): the block input subsampled by
-    the stride, with ``extra`` zero channels after its own; no parameters.
+    """relu(out + shortcut), where a residual block ends (``act=None``: the sum alone, as
+    in Page's ResNet-9, whose residual branch ends in its own activation). With ``stride``
+    > 1 or ``extra`` > 0 the shortcut is the paper's option A (section 4.2): the block
+    input subsampled by the stride, with ``extra`` zero channels after its own; no
+    parameters.
     out: [N, C, H, W], identity: [N, C - extra, H * stride, W * stride] -> [N, C, H, W]"""
 
-    def __init__(self, stride=1, extra=0):
+    def __init__(self, stride=1, extra=0, act="relu"):
         super().__init__()
-        self.stride, self.extra, self.kernel, self.fork = stride, extra, None, False
+        if act not in (None, "relu"):
+            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        self.stride, self.extra, self.act, self.kernel, self.fork = stride, extra, act, None, False
 
     def forward(self, out, identity):
         if self.kernel is not None:
             return forked(self, *self.kernel(self, out, identity))
-        y = F.relu(out + self.option_a(identity))
+        y = activate(out + self.option_a(identity), self.act)
         return forked(self, y, y)
 
     def option_a(self, x):
@@ -90,12 +130,13 @@ class ResidualJoin(nn.Layer):
         return x
 
     def extra_repr(self):
-        return f"stride={self.stride}, extra={self.extra}"
+        return f"stride={self.stride}, extra={self.extra}, act={self.act}"
 
 
 class MaxPool2D(nn.MaxPool2D):
-    """Paddle's MaxPool2D (the ImageNet stem's 3x3/2); the CPU path may compute it on our
-    operator, which has bf16 and more than one thread (cpu_kernels.kernels.max_pool)."""
+    """Paddle's MaxPool2D (the ImageNet stem's 3x3/2, the fast network's 2x2/2); the CPU
+    path may compute it on our operator, which has bf16 and more than one thread
+    (cpu_kernels.kernels.max_pool)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,6 +161,20 @@ class GlobalAvgPool2D(nn.AdaptiveAvgPool2D):
         if self.kernel is not None:
             return self.kernel(self, x)
         return nn.AdaptiveAvgPool2D.forward(self, x)
+
+
+class GlobalMaxPool2D(nn.AdaptiveMaxPool2D):
+    """The max over H and W: [N, C, H, W] -> [N, C, 1, 1] float32 (the CPU path's kernel
+    takes NHWC float32 or bfloat16 activations and gives the same)."""
+
+    def __init__(self):
+        super().__init__((1, 1))
+        self.kernel = None
+
+    def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(self, x)
+        return nn.AdaptiveMaxPool2D.forward(self, x)
 
 
 class InputCast(nn.Layer):

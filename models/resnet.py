@@ -81,6 +81,9 @@ class ResidualBlock(nn.Layer):
         """Scale of the last BN to 0: the block starts as relu(shortcut(x))."""
         nn.initializer.Constant(0.0)(self.bn2.weight)
 
+    def last_norm(self):
+        return self.bn2
+
     def forward(self, x):
         x, identity = block_inputs(x)
         out = self.bn1(self.conv1(x))
@@ -116,6 +119,9 @@ class BottleneckBlock(nn.Layer):
 
     def zero_init_last(self):
         nn.initializer.Constant(0.0)(self.bn3.weight)
+
+    def last_norm(self):
+        return self.bn3
 
     def forward(self, x):
         x, identity = block_inputs(x)
@@ -190,6 +196,15 @@ class ResNet(nn.Layer):
             for layer in self.sublayers():
                 if isinstance(layer, (ResidualBlock, BottleneckBlock)):
                     layer.zero_init_last()
+
+    def shared_outputs(self):
+        """The layers whose output feeds two consumers, a residual block's first convolution
+        and its shortcut: the stem's (its pool's, when it has one) and each block's before a
+        residual block. cpu_kernels.use_in forks them (models/layers.py)."""
+        blocks = [block for stage in self.stages for block in stage]
+        outputs = [self.maxpool if self.maxpool is not None else self.bn1]
+        outputs += [block.join if block.join is not None else block.last_norm() for block in blocks[:-1]]
+        return [output for output, block in zip(outputs, blocks) if block.join is not None]
 
     def forward_features(self, x):
         """x: [N, 3, H, W] -> feature map of the last stage, before pooling."""
@@ -308,19 +323,3 @@ def plain56(num_classes=10, stem="cifar", **kwargs):
 
 def plain110(num_classes=10, stem="cifar", **kwargs):
     return _cifar_net(110, None, num_classes, stem, **kwargs)
-
-
-MODELS = {f.__name__: f for f in (
-    resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2,
-    resnet20, resnet32, resnet44, resnet56, resnet110,
-    plain20, plain32, plain44, plain56, plain110)}
-# the paper's CIFAR nets: they have the CIFAR stem only
-CIFAR_ONLY = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44", "plain56",
-              "plain110")
-
-
-def get_model(name, **kwargs):
-    """Build a model by factory name: ``get_model("resnet18", num_classes=10, stem="cifar")``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)

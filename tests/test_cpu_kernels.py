@@ -27,17 +27,21 @@ needs_op = pytest.mark.skipif(OP is None, reason=f"cpu_kernels unavailable: {WHY
 
 
 # The kernels as the layers of models/layers.py run them, one call each
-def batch_norm(layer, x, relu=False, nhwc=False, fork=False):
-    """Our BatchNorm kernel on ``layer`` (a BatchNorm2D), with the ReLU after it when ``relu``."""
-    layer.act = "relu" if relu else None
+def batch_norm(layer, x, act=None, nhwc=False, fork=False):
+    """Our BatchNorm kernel on ``layer`` (a BatchNorm2D), with ``act`` after it (None,
+    "relu", "gelu"; True is "relu")."""
+    layer.act = "relu" if act is True else act or None
+    layer.activation = lambda y: models.layers.activate(y, layer.act)
     y, y2 = kernels.batch_norm(layer, x, nhwc)
     return (y, y2) if fork else y
 
 
-def join(out, x, shortcut, nhwc=False, fork=False):
-    """Our residual join: relu(out + shortcut(x)), ``shortcut`` a ResidualJoin (option A)
-    or None (the identity)."""
-    y, y2 = kernels.residual_join(shortcut or models.ResidualJoin(), out, x, nhwc)
+def join(out, x, shortcut, nhwc=False, fork=False, act="relu"):
+    """Our residual join: relu(out + shortcut(x)) (or the sum, ``act`` None), ``shortcut`` a
+    ResidualJoin (option A) or None (the identity)."""
+    shortcut = shortcut or models.ResidualJoin()
+    shortcut.act = act
+    y, y2 = kernels.residual_join(shortcut, out, x, nhwc)
     return (y, y2) if fork else y
 
 
@@ -46,8 +50,8 @@ def mean_pool(x):
     return kernels.mean_pool(None, x, nhwc=True).reshape([x.shape[0], x.shape[3]])
 
 
-def max_pool(x, nhwc):
-    return kernels.max_pool(None, x, nhwc)[0]
+def max_pool(x, nhwc, kernel=3, stride=2, padding=1):
+    return kernels.max_pool(models.MaxPool2D(kernel, stride, padding), x, nhwc)[0]
 
 
 def test_the_operator_is_what_this_environment_expects():
@@ -156,6 +160,7 @@ NETS = dict(resnet20=(models.resnet20, 32), resnet18_cifar=(lambda: models.resne
             resnet18=(models.resnet18, 224), resnet50=(models.resnet50, 224))
 NORM_JOIN = {name: norm_and_join_shapes(make(), size) for name, (make, size) in NETS.items()}
 NORM_SHAPES = sorted(set(sum((v[0] for v in NORM_JOIN.values()), [])))
+FAST_NORM_SHAPES = norm_and_join_shapes(models.fast_resnet(), 32)[0]  # its joins are identities: JOIN_SHAPES has them
 JOIN_SHAPES = sorted(set(sum((v[1] for v in NORM_JOIN.values()), [])))
 
 
@@ -193,12 +198,14 @@ def nchw(t):
 
 @needs_op
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("shape", NORM_SHAPES)
-def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu, layout):
-    """The same arithmetic as Paddle's kernel (two-pass mean and biased variance): the
-    output, the three gradients and the running statistics agree to 1e-5 relative, in
-    either layout (NHWC: the same tensors transposed, the results turned back)."""
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("shape", NORM_SHAPES + FAST_NORM_SHAPES)
+def test_batch_norm_act_equals_paddles_with_its_running_statistics(shape, act, layout):
+    """The same arithmetic as Paddle's kernel (two-pass mean and biased variance), then
+    the activation: the output, the three gradients and the running statistics agree to
+    1e-5 relative, in either layout (NHWC: the same tensors transposed, the results turned
+    back). GELU is the exact one (erf), ours to 1.5e-7 of its CDF."""
+    relu = act == "relu"
     rng = np.random.default_rng(sum(shape))
     ours, theirs = paddle.nn.BatchNorm2D(shape[1]), paddle.nn.BatchNorm2D(shape[1])
     for layer in (ours, theirs):
@@ -209,23 +216,22 @@ def test_batch_norm_relu_equals_paddles_with_its_running_statistics(shape, relu,
     if relu:  # no gradient arrives at the ReLU's kink (see pre_activation)
         grad[np.abs(pre_activation(x.numpy(), ours)) < 1e-4] = 0
     grad = paddle.to_tensor(grad)
-    ref = theirs(x)
-    ref = F.relu(ref) if relu else ref
+    ref = models.layers.activate(theirs(x), act)
     want = [t.numpy() for t in [ref, *paddle.grad([ref], [x, theirs.weight, theirs.bias], [grad])]]
     if layout == "nhwc":
         xt = nhwc(x)
-        y = batch_norm(ours, xt, relu, nhwc=True)
+        y = batch_norm(ours, xt, act, nhwc=True)
         got = [y, *paddle.grad([y], [xt, ours.weight, ours.bias], [nhwc(grad)])]
         got = [nchw(got[0]), nchw(got[1]), got[2].numpy(), got[3].numpy()]
     else:
-        y = batch_norm(ours, x, relu)
+        y = batch_norm(ours, x, act)
         got = [t.numpy() for t in [y, *paddle.grad([y], [x, ours.weight, ours.bias], [grad])]]
     for name, a, b in zip(("out", "grad x", "grad scale", "grad shift"), got, want):
         assert relative(a, b) <= 1e-5, name
     for name in ("_mean", "_variance"):
         assert relative(getattr(ours, name).numpy(), getattr(theirs, name).numpy()) <= 1e-5, name
     ours.eval()  # evaluation: Paddle's own kernel on the running statistics
-    np.testing.assert_array_equal(batch_norm(ours, x).numpy(), ours(x).numpy())
+    np.testing.assert_array_equal(batch_norm(ours, x, act).numpy(), models.layers.activate(ours(x), act).numpy())
 
 
 @needs_op
@@ -252,22 +258,24 @@ def test_the_operator_moves_the_layers_running_statistics_as_paddle_does(layout)
 
 @needs_op
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("act", [None, "relu"])
 @pytest.mark.parametrize("out_shape,in_shape,stride", JOIN_SHAPES)
-def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride, layout):
-    """relu(out + shortcut(x)) and both gradients exactly (the same sums in one pass)."""
+def test_the_residual_join_equals_relu_of_the_sum(out_shape, in_shape, stride, layout, act):
+    """relu(out + shortcut(x)) (or the sum alone) and both gradients exactly (the same sums
+    in one pass)."""
     rng = np.random.default_rng(sum(out_shape) + stride)
     out = paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32), stop_gradient=False)
     x = paddle.to_tensor(rng.standard_normal(in_shape, dtype=np.float32), stop_gradient=False)
     shortcut = models.ResidualJoin(stride, out_shape[1] - in_shape[1]) if stride > 1 else None
-    ref = F.relu(out + (shortcut.option_a(x) if shortcut else x))
+    ref = models.layers.activate(out + (shortcut.option_a(x) if shortcut else x), act)
     grad = paddle.to_tensor(rng.standard_normal(out_shape, dtype=np.float32))
     want = [t.numpy() for t in [ref, *paddle.grad([ref], [out, x], [grad])]]
     if layout == "nhwc":
         ot, xt = nhwc(out), nhwc(x)
-        y = join(ot, xt, shortcut, nhwc=True)
+        y = join(ot, xt, shortcut, nhwc=True, act=act)
         got = [nchw(t) for t in [y, *paddle.grad([y], [ot, xt], [nhwc(grad)])]]
     else:
-        y = join(out, x, shortcut)
+        y = join(out, x, shortcut, act=act)
         got = [t.numpy() for t in [y, *paddle.grad([y], [out, x], [grad])]]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
@@ -293,7 +301,7 @@ def test_a_forked_output_adds_both_consumers_gradients(op, dtype):
 
     def outputs(layer, fork):
         if op == "norm":
-            return batch_norm(layer, x, relu=True, nhwc=True, fork=fork), [x, layer.weight, layer.bias]
+            return batch_norm(layer, x, "relu", nhwc=True, fork=fork), [x, layer.weight, layer.bias]
         return join(other, x, None, nhwc=True, fork=fork), [other, x]
     (y1, y2), inputs = outputs(layers[0], True)
     assert y1.shape == y2.shape == list(shape) and np.array_equal(y1.astype("float32").numpy(), y2.astype("float32").numpy())
@@ -374,7 +382,8 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
 NETWORKS = [("resnet20", "cifar", 32), ("resnet56", "cifar", 32), ("resnet110", "cifar", 32),
             ("plain20", "cifar", 32), ("plain56", "cifar", 32),
             ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64), ("resnet34", "cifar", 32),
-            ("resnet34", "imagenet", 64), ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64)]
+            ("resnet34", "imagenet", 64), ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64),
+            ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32)]
 
 
 def network(name, stem, weights=lambda a: a):
@@ -517,7 +526,7 @@ def test_the_switch_in_a_training_run(archive, tmp_path, capsys):
         result = yaml.safe_load(open(out / "results.yaml"))
         log = capsys.readouterr().out
         ours = not kernels_flag
-        assert ("CPU kernels: ours (cpu_kernels/" in log and "convolutions 19, BatchNorm(+ReLU) 19, residual joins 9"
+        assert ("CPU kernels: ours (cpu_kernels/" in log and "convolutions 19, BatchNorm(+activation) 19, residual joins 9"
                 in log) == ours
         assert result["cpu_kernels"] == ("ours" if ours else "paddle")
         results["ours" if ours else "paddle"] = result
@@ -566,8 +575,8 @@ def test_the_self_check_refuses_a_batch_norm_whose_running_mean_stays():
         onednn_conv2d = staticmethod(OP.onednn_conv2d)
 
         @staticmethod
-        def batch_norm_relu(x, scale, shift, mean, variance, *attrs):
-            return OP.batch_norm_relu(x, scale, shift, mean.clone(), variance.clone(), *attrs)
+        def batch_norm_act(x, scale, shift, mean, variance, *attrs):
+            return OP.batch_norm_act(x, scale, shift, mean.clone(), variance.clone(), *attrs)
     with pytest.raises(cpu_kernels.Unavailable, match="did not update the running mean"):
         build.self_check(Copying)
     build.self_check(OP)
@@ -644,15 +653,15 @@ def test_bf16_convolution_is_fp32s_to_bf16_rounding(x_shape, w_shape, stride, pa
 
 
 @needs_bf16
-@pytest.mark.parametrize("relu", [False, True])
-def test_bf16_batch_norm_keeps_fp32_statistics(relu):
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+def test_bf16_batch_norm_keeps_fp32_statistics(act):
     rng = np.random.default_rng(1)
     shape = (8, 16, 16, 32)  # NHWC
     x16 = bf16(paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2 + 1, stop_gradient=False))
     x32 = paddle.to_tensor(x16.astype("float32").numpy(), stop_gradient=False)
     ours, theirs = paddle.nn.BatchNorm2D(32), paddle.nn.BatchNorm2D(32)
-    y16 = batch_norm(ours, x16, relu, nhwc=True)
-    y32 = batch_norm(theirs, x32, relu, nhwc=True)
+    y16 = batch_norm(ours, x16, act, nhwc=True)
+    y32 = batch_norm(theirs, x32, act, nhwc=True)
     assert y16.dtype == paddle.bfloat16 and ours._mean.dtype == paddle.float32
     assert relative(ours._mean.numpy(), theirs._mean.numpy()) <= 1e-6  # statistics of the same values, in fp32
     assert relative(ours._variance.numpy(), theirs._variance.numpy()) <= 1e-5
@@ -674,7 +683,7 @@ def test_bf16_frozen_batch_norm_runs_paddles_kernel_in_fp32():
     layer._mean.set_value(paddle.full([16], 0.5))
     layer._variance.set_value(paddle.full([16], 3.0))
     layer._use_global_stats = True
-    y16 = batch_norm(layer, x16, relu=True, nhwc=True)
+    y16 = batch_norm(layer, x16, "relu", nhwc=True)
     y32 = paddle.nn.functional.relu(layer(x32))
     assert y16.dtype == paddle.bfloat16
     assert relative(y16.astype("float32").numpy(), y32.numpy()) <= 4e-3  # one bf16 rounding
@@ -684,22 +693,29 @@ def test_bf16_frozen_batch_norm_runs_paddles_kernel_in_fp32():
     assert dx16.dtype == paddle.bfloat16 and relative(dx16.astype("float32").numpy(), dx32.numpy()) <= 4e-3
 
 
+# (NHWC shape, (kernel, stride, padding)): the ImageNet stem's 3x3/2 (224, 32 and odd
+# sizes), the fast network's 2x2/2 (31 -> 15 drops the last row and column) and its 3x3/3
+POOLS = [((2, 112, 112, 64), (3, 2, 1)), ((2, 16, 16, 64), (3, 2, 1)), ((2, 9, 9, 8), (3, 2, 1)),
+         ((1, 7, 10, 3), (3, 2, 1)), ((2, 31, 31, 64), (2, 2, 0)), ((2, 15, 15, 256), (2, 2, 0)),
+         ((2, 7, 7, 256), (2, 2, 0)), ((2, 3, 3, 256), (3, 3, 0))]
+
+
 @needs_op
-@pytest.mark.parametrize("shape", [(2, 112, 112, 64), (2, 16, 16, 64), (2, 9, 9, 8), (1, 7, 10, 3)])
+@pytest.mark.parametrize("shape,window", POOLS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_max_pool_is_paddles_exactly(shape, ties):
-    """The ImageNet stem's pool (224, 32 and odd sizes) against F.max_pool2d, to the bit:
-    ties (small integers) go to the first position of the window, as in Paddle's kernel."""
+def test_max_pool_is_paddles_exactly(shape, window, ties):
+    """Each window against F.max_pool2d, to the bit: ties (small integers) go to the first
+    position of the window, as in Paddle's kernel."""
     rng = np.random.default_rng(3)
     a = rng.integers(-3, 3, shape).astype(np.float32) if ties else rng.standard_normal(shape, dtype=np.float32)
     x, ref_x = (paddle.to_tensor(a, stop_gradient=False) for _ in range(2))
-    y, y2 = OP.max_pool(x)
-    ref = F.max_pool2d(ref_x, 3, 2, 1, data_format="NHWC")
+    y, y2 = OP.max_pool(x, *window)
+    ref = F.max_pool2d(ref_x, *window, data_format="NHWC")
     np.testing.assert_array_equal(y.numpy(), ref.numpy())
     g, g2 = (paddle.to_tensor(rng.standard_normal(ref.shape, dtype=np.float32)) for _ in range(2))
     np.testing.assert_array_equal(paddle.grad([y], [x], [g])[0].numpy(), paddle.grad([ref], [ref_x], [g])[0].numpy())
-    y, y2 = OP.max_pool(x)  # both outputs used: the gradients add
-    ref = F.max_pool2d(ref_x, 3, 2, 1, data_format="NHWC")
+    y, y2 = OP.max_pool(x, *window)  # both outputs used: the gradients add
+    ref = F.max_pool2d(ref_x, *window, data_format="NHWC")
     got = paddle.grad([y, y2], [x], [g, g2])[0].numpy()
     np.testing.assert_allclose(got, paddle.grad([ref], [ref_x], [g + g2])[0].numpy(), rtol=1e-6, atol=1e-6)
 
