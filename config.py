@@ -35,22 +35,33 @@ class TrainConfig:
     momentum: float = 0.9            # sgd: momentum
     nesterov: bool = False           # sgd: Nesterov momentum
     weight_decay: float = 5e-4       # L2, on every parameter
-    schedule: str = "cosine"         # cosine | step | constant, stepped every iteration
+    schedule: str = "cosine"         # cosine | step | constant | onecycle, stepped every iteration
     milestones: typing.List[int] = dataclasses.field(default_factory=list)  # step: iterations
     gamma: float = 0.1               # step: LR factor at each milestone
     warmup_iters: int = 0            # linear warm-up from 0 to lr over this many iterations
+    lr_start: float = 0.2            # onecycle: the first lr, as a fraction of lr; linear up to lr at
+    #                                  lr_peak_at of the iterations, then linear down to lr x lr_end
+    lr_peak_at: float = 0.23         # onecycle: where lr peaks, as a fraction of the iterations
+    lr_end: float = 0.07             # onecycle: the last lr, as a fraction of lr
+    norm_shift_lr: float = 1.0       # lr x this for the BatchNorm shifts, and their weight decay / this
+    #                                  (so its pull per step stays): airbench's bias_scaler is 64
     label_smoothing: float = 0.0     # cross-entropy label smoothing (0: none)
+    lookahead: float = 0.0           # weight averaging (airbench94's lookahead): every 5 steps the weights go to their
+    #                                  running average, decay lookahead**5 x (iteration / total)**3; 0: off; airbench 0.95
     # data
     dataset: str = "cifar10"         # cifar10 | cifar100 | folder (an image folder, --data-dir)
     data_file: str = ""              # cifar10/cifar100: the official cifar-10/100-python.tar.gz; "": Paddle's download
     data_dir: str = ""               # folder: a folder of class sub-folders
     image_size: int = 224            # folder: the training crop; evaluation resizes to image_size * 256/224, then crops
     val_fraction: float = 0.2        # folder: held out of each class (seeded), for model selection
-    augment: str = "crop_flip"       # CIFAR: crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color | none
+    augment: str = "crop_flip"       # CIFAR: crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color | none |
+    #                                  translate_flip (--loader device: 2-pixel reflected pad + random 32 crop; random
+    #                                  flips in the first epoch, each image's flip turned over every other epoch: airbench)
     normalize: str = "dataset"       # CIFAR: the mean/std of the dataset's own training images | cifar10 | cifar100 | imagenet
     val_size: int = 5000             # CIFAR: held out of the 50k training images, for model selection
     subset: int = 0                  # train on the first N training images (0: all)
     num_workers: int = 2             # DataLoader worker processes (0: load in the training process)
+    tta: str = "none"                # the final test's test-time augmentation: none | flip | flip_translate (tta.py)
     loader: str = "dataloader"       # dataloader (workers + PIL transforms) | device (CIFAR on the GPU, batched ops)
     # run
     seed: int = 0                    # the initial weights, the data order and every random crop and flip
@@ -81,9 +92,12 @@ class FinetuneConfig(TrainConfig):
     log_every: int = 5
 
 
-CHOICES = dict(dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"), stem=("auto", "cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant"),
-               augment=("crop_flip", "flip", "flip_color", "none"), normalize=("dataset", "cifar10", "cifar100", "imagenet"), device=("auto", "cpu", "gpu"),
-               amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), cpu_kernels=("ours", "paddle"))
+CHOICES = dict(
+    dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"),
+    stem=("auto", "cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant", "onecycle"),
+    augment=("crop_flip", "flip", "flip_color", "none", "translate_flip"), tta=("none", "flip", "flip_translate"),
+    normalize=("dataset", "cifar10", "cifar100", "imagenet"), device=("auto", "cpu", "gpu"),
+    amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), cpu_kernels=("ours", "paddle"))
 
 
 # The range of every number (test, what the error says it must be), checked where a config is made.
@@ -97,6 +111,11 @@ LIMITS = dict(
     gamma=(lambda v: 0 < v <= 1, "in (0, 1]"),
     warmup_iters=(lambda v: v >= 0, "0 or more"),
     label_smoothing=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    lr_start=(lambda v: 0 < v <= 1, "in (0, 1]"),
+    lr_peak_at=(lambda v: 0 < v < 1, "in (0, 1)"),
+    lr_end=(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    norm_shift_lr=(lambda v: v > 0, "above 0"),
+    lookahead=(lambda v: 0 <= v < 1, "in [0, 1)"),
     val_size=(lambda v: v >= 0, "0 or more"),
     subset=(lambda v: v >= 0, "0 (all) or more"),
     num_workers=(lambda v: 0 <= v <= 64, "in [0, 64]"),
@@ -110,8 +129,9 @@ LIMITS = dict(
 # them, and the log says so. Anything else (the model, the data, the batch, the optimizer,
 # AMP) would make the checkpoint's state mean something else: refused.
 RESUME_FREE = ("num_workers", "log_every", "device", "data_file", "data_dir", "output_dir", "deterministic",
-               "to_static", "visualdl", "cpu_kernels")
-RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters")
+               "to_static", "visualdl", "cpu_kernels", "tta")
+RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters", "lr_start",
+                   "lr_peak_at", "lr_end")
 
 
 # Keys renamed since: (the new key, {old value: new value}). Old recipes, command lines and

@@ -137,6 +137,7 @@ def cifar10_transforms(augment, normalize="cifar10", dataset="cifar10"):
         "flip_color": [T.RandomHorizontalFlip(0.5), T.RandomVerticalFlip(0.5), T.ColorJitter(brightness=0.5),
                        T.ColorJitter(contrast=0.5), T.ColorJitter(saturation=0.5), T.ColorJitter(hue=0.3)],
         "none": [],
+        "translate_flip": [],  # made by DeviceCifarLoader (its flips alternate by epoch); TrainBatches refuses others
     }[augment]
     return T.Compose(train + to_input), T.Compose(to_input)
 
@@ -344,6 +345,9 @@ class TrainBatches:
         self.dataset, self.cfg, self.world_size, self.rank = dataset, cfg, world_size, rank
         self.per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world_size))
         self.device_loader = None
+        if cfg.augment == "translate_flip" and cfg.loader != "device":
+            raise UserError("--augment translate_flip is made by the device loader (its flips alternate by epoch): "
+                            "add --loader device")
         if cfg.loader == "device":
             if cfg.dataset not in CIFARS:  # it holds the 32x32 uint8 rows of a CIFAR in memory
                 raise UserError(f"--loader device is for CIFAR-10 and CIFAR-100, not --dataset {cfg.dataset}; "
@@ -357,6 +361,13 @@ class TrainBatches:
         if self.device_loader is not None:
             return self.device_loader.epoch(epoch, batches)
         return make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers, batches)
+
+
+def first_images(split, n, cfg):
+    """The first ``n`` images of ``split`` as evaluation prepares them (no augmentation,
+    normalised): float32 numpy [n, 3, H, W]. The fast network whitens their patches."""
+    transform = eval_transform(preprocess_of(cfg))
+    return np.stack([transform(split.base[i][0]) for i in split.indices[:n]]).astype(np.float32)
 
 
 # ------------------------------------------------------------------- image folders
@@ -508,12 +519,16 @@ class DeviceCifarLoader:
 
     The crop offsets and flips are drawn per (seed, epoch, image) like the PIL pipeline's,
     so runs are reproducible and resume exactly. Same augmentations as ``crop_flip``
-    (zero padding of 4, random 32x32 crop, horizontal flip), ``flip`` or ``none``.
+    (zero padding of 4, random 32x32 crop, horizontal flip), ``flip`` or ``none``; and
+    ``translate_flip``, airbench94's: reflected padding of 2, a random 32x32 crop, and
+    flips drawn once per image and turned over every other epoch (each image is seen
+    mirrored in every other epoch, instead of at random: arXiv:2404.00498, section 3.4).
     """
+    PAD = dict(crop_flip=4, translate_flip=2)
 
     def __init__(self, split, augment, seed, mean_std=(CIFAR10_MEAN, CIFAR10_STD)):
-        if augment not in ("crop_flip", "flip", "none"):
-            raise UserError(f"--loader device does augment crop_flip, flip or none, not {augment}; "
+        if augment not in ("crop_flip", "flip", "none", "translate_flip"):
+            raise UserError(f"--loader device does augment crop_flip, flip, translate_flip or none, not {augment}; "
                             "use --loader dataloader")
         images, labels = [], []
         for i in split.indices:
@@ -526,7 +541,7 @@ class DeviceCifarLoader:
         mean, std = mean_std
         self.mean = paddle.to_tensor(np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * 255)
         self.std = paddle.to_tensor(np.asarray(std, np.float32).reshape(1, 3, 1, 1) * 255)
-        self.augment, self.seed, self.pad = augment, seed, 4 if augment == "crop_flip" else 0
+        self.augment, self.seed, self.pad = augment, seed, self.PAD.get(augment, 0)
 
     def draws(self, epoch):
         """(dy, dx, flip) for every image of ``epoch``, indexed by position in the split."""
@@ -535,6 +550,8 @@ class DeviceCifarLoader:
         dy = rs.randint(0, 2 * self.pad + 1, n)
         dx = rs.randint(0, 2 * self.pad + 1, n)
         flip = rs.rand(n) < 0.5 if self.augment in ("crop_flip", "flip") else np.zeros(n, bool)
+        if self.augment == "translate_flip":  # drawn once, turned over every other epoch
+            flip = (np.random.RandomState([self.seed, 8]).rand(n) < 0.5) ^ bool(epoch % 2)
         return dy, dx, flip
 
     def batch(self, idx, dy, dx, flip):
@@ -542,8 +559,9 @@ class DeviceCifarLoader:
         ``idx``; every argument is a device tensor (see ``epoch``), so nothing is copied
         from the host here."""
         x = paddle.gather(self.images, idx).astype("float32")
-        if self.pad:
-            x = paddle.nn.functional.pad(x, [self.pad] * 4)  # zeros, as RandomCrop(padding=4)
+        if self.pad:  # crop_flip: zeros, as RandomCrop(padding=4); translate_flip: reflected, as airbench
+            mode = "reflect" if self.augment == "translate_flip" else "constant"
+            x = paddle.nn.functional.pad(x, [self.pad] * 4, mode=mode)
             size = x.shape[-1] - 2 * self.pad
             ar = paddle.arange(size, dtype="int64")
             rows = paddle.gather(dy, idx).unsqueeze(1) + ar  # [B, 32]

@@ -25,12 +25,16 @@ import device as devices
 import errors
 import files
 import launch
+import lookahead
 import metrics
 import progress
 import train_net
+import tta
 from checkpoint import as_number
 from errors import UserError
 from progress import log
+
+WHITENING_IMAGES = 5000  # training images whose 2x2 patches the fast network's first layer whitens (airbench's)
 
 # Paddle's BatchNorm warns on every call in training mode that it tracks statistics
 warnings.filterwarnings("ignore", message="When training, we now always track")
@@ -44,10 +48,15 @@ def total_iterations(cfg, iters_per_epoch):
 
 def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
     """(optimizer, LR scheduler). The scheduler is stepped once per iteration.
+    parameters: a list, or parameter_groups' groups.
     lr_scale: the linear scaling rule (Goyal et al. 2017) for a larger global batch."""
     total = total_iterations(cfg, iters_per_epoch)
     cfg = dataclasses.replace(cfg, lr=cfg.lr * lr_scale)
-    if cfg.schedule == "cosine":
+    if cfg.schedule == "onecycle":  # airbench's: linear up, then linear down
+        sched = paddle.optimizer.lr.OneCycleLR(cfg.lr, total, divide_factor=1 / cfg.lr_start,
+                                               end_learning_rate=cfg.lr * cfg.lr_end, phase_pct=cfg.lr_peak_at,
+                                               anneal_strategy="linear")
+    elif cfg.schedule == "cosine":
         sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=max(total - cfg.warmup_iters, 1))
     elif cfg.schedule == "step":
         values = [cfg.lr * cfg.gamma ** i for i in range(len(cfg.milestones) + 1)]
@@ -64,6 +73,19 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
     return opt, sched
 
 
+def parameter_groups(model, parameters, cfg):
+    """``parameters`` as the optimizer takes them: with --norm-shift-lr, the BatchNorm
+    shifts in a group of their own at lr x norm_shift_lr and weight decay / norm_shift_lr
+    (airbench's bias_scaler: a larger step, the same decay per step)."""
+    if cfg.norm_shift_lr == 1:
+        return parameters
+    shifts = {id(layer.bias) for layer in model.sublayers() if isinstance(layer, paddle.nn.layer.norm._BatchNormBase)}
+    groups = [dict(params=[p for p in parameters if id(p) not in shifts]),
+              dict(params=[p for p in parameters if id(p) in shifts], learning_rate=cfg.norm_shift_lr,
+                   weight_decay=cfg.weight_decay / cfg.norm_shift_lr)]
+    return [group for group in groups if group["params"]]
+
+
 # ------------------------------------------------------------------------ one epoch
 @dataclasses.dataclass
 class Training:
@@ -71,7 +93,8 @@ class Training:
     it trains (train_net.wrap), the optimizer, its schedule and loss scaler (a pass-through
     unless fp16), the progress (a checkpoint.RunState: saved in every checkpoint, so an
     epoch resumed after Ctrl-C adds up the same), the number of ranks (they stop
-    together), a VisualDL writer or None, and the time estimate (progress.RunEstimate)."""
+    together), a VisualDL writer or None, the time estimate (progress.RunEstimate) and
+    the weight averaging (lookahead.Lookahead) or None."""
     cfg: object
     net: object
     opt: object
@@ -81,6 +104,7 @@ class Training:
     world: int = 1
     board: object = None
     estimate: object = None
+    averaging: object = None
 
 
 def train_one_epoch(training, loader, epoch):
@@ -100,6 +124,8 @@ def train_one_epoch(training, loader, epoch):
         t.scaler.update()
         t.opt.clear_grad()
         t.sched.step()
+        if t.averaging is not None:
+            t.averaging.step(run.iteration + 1)
         n = labels.shape[0]
         # summed on the device in fp32, read (a device sync) only every --log-every steps:
         # on 3.x nothing else syncs a fp32 or bf16 step; fp16's GradScaler does (`if found_inf`)
@@ -245,10 +271,14 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
     from ``resume_state`` when resuming, the network wrapped for training."""
     board = metrics.visualdl_writer(cfg, rank)  # before anything is written: a missing VisualDL stops here
     seed_everything(cfg.seed)  # the model's initial weights
-    model = model if model is not None else checkpoint.build_model(cfg, len(loaded.classes))
+    if model is None:
+        model = checkpoint.build_model(cfg, len(loaded.classes))
+        if hasattr(model, "init_whitening") and resume_state is None:  # the fast network's first layer
+            model.init_whitening(data.first_images(loaded.splits["train"], WHITENING_IMAGES, cfg))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
     batches = data.TrainBatches(loaded.splits["train"], cfg, world, rank)
-    opt, sched = build_optimizer(cfg, parameters, batches.per_epoch, lr_scale=world if cfg.scale_lr else 1)
+    opt, sched = build_optimizer(cfg, parameter_groups(model, parameters, cfg), batches.per_epoch,
+                                 lr_scale=world if cfg.scale_lr else 1)
     scaler = paddle.amp.GradScaler(enable=plan["loss_scaling"])
     run = checkpoint.RunState()
     if resume_state is not None:
@@ -264,8 +294,13 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
         files.write_yaml(os.path.join(cfg.output_dir, "config.yaml"), config.to_dict(cfg))
     progress.log_start(cfg, sum(int(np.prod(p.shape)) for p in parameters), device, world, loaded.splits,
                        batches.per_epoch, opt.get_lr())
-    estimate = progress.RunEstimate(total_iterations(cfg, batches.per_epoch), run.iteration)
-    return model, Training(cfg, net, opt, sched, scaler, run, world, board, estimate), batches, kernels
+    total = total_iterations(cfg, batches.per_epoch)
+    estimate = progress.RunEstimate(total, run.iteration)
+    averaging = lookahead.Lookahead(model, cfg.lookahead, total) if cfg.lookahead else None
+    if averaging is not None and resume_state is not None and resume_state.get("lookahead") is not None:
+        averaging.set_state_dict(resume_state["lookahead"])
+    training = Training(cfg, net, opt, sched, scaler, run, world, board, estimate, averaging)
+    return model, training, batches, kernels
 
 
 def train_epochs(training, model, batches, loaded, rank):
@@ -277,8 +312,10 @@ def train_epochs(training, model, batches, loaded, rank):
 
     def save(improved=False):
         if rank == 0:
-            state = checkpoint.run_state(run, model, t.opt, t.sched, t.scaler, cfg, loaded.classes,
-                                         dict(preprocess=loaded.preprocess), t.world)
+            extra = dict(preprocess=loaded.preprocess)
+            if t.averaging is not None:
+                extra["lookahead"] = t.averaging.state_dict()
+            state = checkpoint.run_state(run, model, t.opt, t.sched, t.scaler, cfg, loaded.classes, extra, t.world)
             checkpoint.save_run(out, state, improved)
     epoch_times = []
     previous = signal.signal(signal.SIGTERM, errors.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
@@ -412,21 +449,22 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, eviden
     the best-on-validation model (reported, never used to choose) and the evidence
     behind them (Paddle version, device, seed, command)."""
     last, best, out = run.history[-1], run.best, cfg.output_dir
-    result = dict(model=cfg.model, epochs=last["epoch"], iterations=last["iteration"],
+    result = dict(model=cfg.model, epochs=last["epoch"], iterations=last["iteration"], tta=cfg.tta,
                   train_time_s=epochs_time(run),
                   final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
                   final_val_acc=last["val_acc"] if last["val_acc"] != "" else None,
                   best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)
     loader = eval_loader(cfg, test_set, world, rank)
+    views = "" if cfg.tta == "none" else f", test-time augmentation {cfg.tta}"
     if loader is not None:
-        final = evaluate(model, loader, num_classes, world)
+        final = evaluate(tta.with_tta(model, cfg.tta), loader, num_classes, world)
         result["final_test_acc"] = final["top1"]
-        log(f"final model (epoch {last['epoch']}): test acc {final['top1']:.4f}")
+        log(f"final model (epoch {last['epoch']}{views}): test acc {final['top1']:.4f}")
         if best["epoch"]:
             b = final
             if best["epoch"] != last["epoch"]:  # else the best model is the final one
                 _, best_model = checkpoint.model_from_checkpoint(checkpoint.load(os.path.join(out, checkpoint.BEST)))
-                b = evaluate(best_model, loader, num_classes, world)
+                b = evaluate(tta.with_tta(best_model, cfg.tta), loader, num_classes, world)
             result["best_test_acc"] = b["top1"]
             log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
     result.update(evidence or {})

@@ -23,6 +23,7 @@ import engine
 import errors
 import plots
 import predictors
+import tta
 
 
 def eval_split(cfg, args, class_names):
@@ -68,6 +69,8 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                         help="--inference: fp16 on a GPU, bf16 on a CPU with avx512_bf16 or amx_bf16")
     parser.add_argument("--tensorrt", action="store_true", help="--inference on a GPU: through TensorRT")
+    parser.add_argument("--tta", choices=tta.LEVELS, default="none",
+                        help="test-time augmentation (tta.py): flip, or flip_translate (configs/fast94.yaml's)")
     parser.add_argument("--json", action="store_true", help="print one machine-readable line only")
     args = parser.parse_args(argv)
     with errors.user_errors():
@@ -99,11 +102,11 @@ def main(argv=None):
                 return paddle.to_tensor(predictor(images.numpy()))
             model = predict_logits
         loader = data.make_loader(dataset, args.batch_size, args.num_workers)
-        r = engine.evaluate(model, loader, len(class_names))
+        r = engine.evaluate(tta.with_tta(model, args.tta), loader, len(class_names))
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],
-                  path="paddle.inference" if args.inference else "dygraph",
+                  path="paddle.inference" if args.inference else "dygraph", tta=args.tta,
                   top1=r["top1"], top5=r["top5"], loss=r["loss"], images_per_s=r["images_per_s"],
                   per_class=dict(zip(class_names, r["per_class"])), confusion=r["confusion"].tolist(),
                   confusion_png=png)
@@ -126,8 +129,9 @@ def print_result(result, as_json):
         return
     names, confusion = list(result["per_class"]), result["confusion"]
     print(f"{result['model']} (epoch {result['epoch']}) on {result['split']}: {result['n']} images")
+    views = "" if result["tta"] == "none" else f"  (test-time augmentation {result['tta']})"
     print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  "
-          f"{result['images_per_s']:.1f} img/s")
+          f"{result['images_per_s']:.1f} img/s{views}")
     if len(names) > MAX_TABLE_CLASSES:
         print_many_classes(result)
         return

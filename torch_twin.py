@@ -11,9 +11,9 @@ for the CIFAR nets, B projections for the others), pool and classifier.
 import torch.nn as tnn
 import torch.nn.functional as TF
 
-# the networks written here: the ImageNet-family ResNets and the paper's CIFAR ones
+# the networks written here: the ImageNet-family ResNets, the paper's CIFAR ones, the fast ones
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "fast_resnet", "fast_plain")
 
 
 class Block(tnn.Module):
@@ -80,11 +80,50 @@ class Net(tnn.Module):
         return self.fc(TF.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def frozen_scale_norm(c):
+    """BatchNorm + (in forward) GELU, its scale fixed at 1 (models/fast_resnet.py)."""
+    norm = tnn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+    norm.weight.requires_grad = False
+    return norm
+
+
+class ConvGroup(tnn.Module):
+    def __init__(self, cin, c, shortcut):
+        super().__init__()
+        self.conv1, self.bn1 = tnn.Conv2d(cin, c, 3, 1, 1, bias=False), frozen_scale_norm(c)
+        self.conv2, self.bn2 = tnn.Conv2d(c, c, 3, 1, 1, bias=False), frozen_scale_norm(c)
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        x = TF.gelu(self.bn1(TF.max_pool2d(self.conv1(x), 2)))
+        out = TF.gelu(self.bn2(self.conv2(x)))
+        return out + x if self.shortcut else out
+
+
+class FastNet(tnn.Module):
+    """models/fast_resnet.py's FastResNet: the whitening conv (frozen), three groups, the
+    max over the last map, a linear head without bias, x 1/9."""
+
+    def __init__(self, num_classes, shortcut, widths=(64, 256, 256)):
+        super().__init__()
+        self.conv1, self.bn1 = tnn.Conv2d(3, 24, 2, bias=False), frozen_scale_norm(24)
+        self.conv1.weight.requires_grad = False
+        channels = (24,) + widths
+        self.groups = tnn.Sequential(*[ConvGroup(a, b, shortcut) for a, b in zip(channels, channels[1:])])
+        self.fc = tnn.Linear(widths[-1], num_classes, bias=False)
+
+    def forward(self, x):
+        x = self.groups(TF.gelu(self.bn1(self.conv1(x))))
+        return self.fc(TF.adaptive_max_pool2d(x, 1).flatten(1)) / 9
+
+
 def build(name, stem, num_classes):
     """The twin of models.get_model(name, stem=stem, num_classes=num_classes)."""
     from models.resnet import IMAGENET_LAYERS
     if name not in MODELS:
         raise ValueError(f"no PyTorch twin of {name}; there is one of {', '.join(MODELS)}")
+    if name.startswith("fast_"):
+        return FastNet(num_classes, shortcut=name == "fast_resnet")
     depth = int(name[len("resnet"):])
     if depth in IMAGENET_LAYERS:
         block, layers = IMAGENET_LAYERS[depth]

@@ -86,15 +86,16 @@ class BatchNormAct2D(nn.BatchNorm2D):
 
 
 def frozen_scale(layer):
-    """Whether of a BatchNorm2D's scale and shift only the shift trains (the fast network's)."""
-    return layer.weight.stop_gradient and not layer.bias.stop_gradient
+    """Whether ``layer``, a BatchNorm2D in training, trains its shift and not its scale (the
+    fast network's). Evaluation and exports take Paddle's batch_norm as it is."""
+    return layer.training and layer.weight.stop_gradient and not layer.bias.stop_gradient
 
 
 def shift_after_norm(layer, x, data_format):
     """A BatchNorm2D ``layer`` whose scale is frozen, computed with the scale and shift
     applied after Paddle's batch_norm: given a scale that needs no gradient, Paddle's
     batch_norm gives the shift none either (its backward skips both; 2.6 and 3.3.1)."""
-    y = F.batch_norm(x, layer._mean, layer._variance, None, None, training=layer.training, momentum=layer._momentum,
+    y = F.batch_norm(x, layer._mean, layer._variance, None, None, training=True, momentum=layer._momentum,
                      epsilon=layer._epsilon, data_format=data_format, use_global_stats=layer._use_global_stats)
     shape = [1, -1, 1, 1] if data_format == "NCHW" else [1, 1, 1, -1]
     return y * layer.weight.reshape(shape) + layer.bias.reshape(shape)

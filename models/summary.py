@@ -83,7 +83,7 @@ def format_table(result):
                      f"{str(r['output_shape']):<20} {r['macs']:>15,}")
     lines += ["-" * len(header),
               f"Trainable params: {result['trainable_params']}",
-              f"Non-trainable params: {result['non_trainable_params']} (BN running mean and variance)",
+              f"Non-trainable params: {result['non_trainable_params']} (BN running mean and variance, and any frozen weight)",
               f"MACs: {result['macs']}",
               f"MACs (G): {result['macs'] / 1e9:.3f}  (Conv2D + Linear, one image)"]
     return "\n".join(lines)
