@@ -82,7 +82,7 @@ class Net(tnn.Module):
 
 def frozen_scale_norm(c):
     """BatchNorm + (in forward) GELU, its scale fixed at 1 (models/fast_resnet.py)."""
-    norm = tnn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+    norm = tnn.BatchNorm2d(c, momentum=0.4)
     norm.weight.requires_grad = False
     return norm
 

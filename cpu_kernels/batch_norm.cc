@@ -372,6 +372,48 @@ std::vector<paddle::DataType> NormInferDtype(const paddle::DataType &x, const pa
   return {x, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32, x};
 }
 
+// Evaluation: y = act(x * a + b) with a = scale / sqrt(running variance + eps) and b =
+// shift - running mean x a, per channel, NHWC, one pass over the rows on every thread
+// (Paddle's kernel and its GELU after it run on one). Forward only: the kernel calls it
+// where no gradient is recorded.
+std::vector<paddle::Tensor> NormInfer(const paddle::Tensor &x, const paddle::Tensor &scale,
+                                      const paddle::Tensor &shift, const paddle::Tensor &running_mean,
+                                      const paddle::Tensor &running_variance, float epsilon, int act) {
+  auto s = x.shape();
+  PD_CHECK(x.is_cpu() && s.size() == 4, "batch_norm_act_infer: a 4-D NHWC CPU tensor expected");
+  const int64_t c = s[3], rows = s[0] * s[1] * s[2];
+  const Wide wide(rows, c);
+  const int64_t w = wide.width;
+  std::vector<float> a_c(c), b_c(c);
+  for (int64_t k = 0; k < c; ++k) {
+    a_c[k] = scale.data<float>()[k] / std::sqrt(running_variance.data<float>()[k] + epsilon);
+    b_c[k] = shift.data<float>()[k] - running_mean.data<float>()[k] * a_c[k];
+  }
+  const std::vector<float> wide_a = wide.repeat(a_c.data(), c), wide_b = wide.repeat(b_c.data(), c);
+  const float *a = wide_a.data(), *b = wide_b.data();
+  paddle::Tensor y = paddle::empty(s, x.dtype(), paddle::CPUPlace());
+  with_act(act, [&](auto tag_act) {
+    constexpr int A = decltype(tag_act)::value;
+    with_dtype(x.dtype(), "batch_norm_act_infer", [&](auto tag) {
+      using T = decltype(tag);
+      const T *px = data_of<T>(x);
+      T *py = data_of<T>(y);
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < wide.rows; ++r) {
+#pragma omp simd
+        for (int64_t k = 0; k < w; ++k) store(py + r * w, k, activate<A>(load(px + r * w, k) * a[k] + b[k]));
+      }
+    });
+  });
+  return {y};
+}
+
+PD_BUILD_OP(batch_norm_act_infer)
+    .Inputs({"X", "Scale", "Shift", "RunningMean", "RunningVariance"})
+    .Outputs({"Y"})
+    .Attrs({"epsilon: float", "act: int"})
+    .SetKernelFn(PD_KERNEL(NormInfer));
+
 PD_BUILD_OP(batch_norm_act)
     .Inputs({"X", "Scale", "Shift", "RunningMean", "RunningVariance"})
     .Outputs({"Y", "Mean", "Variance", "Y2"})

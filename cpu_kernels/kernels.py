@@ -53,7 +53,12 @@ def batch_norm(layer, x, nhwc):
     """A BatchNormAct2D. In training the operator computes it with its activation and
     updates the running statistics as Paddle's kernel does (momentum on the biased batch
     variance, in place on the layer's own tensors, so names and checkpoints stay).
-    Evaluation and frozen statistics (fine-tuning's last/head) run on Paddle's kernel."""
+    Evaluation without gradients (NHWC) runs on the operator's inference pass; evaluation
+    with them and frozen statistics (fine-tuning's last/head) on Paddle's kernel."""
+    if not layer.training and nhwc and not paddle.is_grad_enabled() and on_cpu_ours(x, layer.weight):
+        y = op().batch_norm_act_infer(dense(x), layer.weight, layer.bias, layer._mean, layer._variance,
+                                      layer._epsilon, ACTS[layer.act])
+        return y, y
     if not layer.training or layer._use_global_stats or len(x.shape) != 4 or not on_cpu_ours(x, layer.weight):
         y = paddle_batch_norm(layer, x, nhwc)
         return y, y

@@ -235,6 +235,28 @@ def test_batch_norm_act_equals_paddles_with_its_running_statistics(shape, act, l
 
 
 @needs_op
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("shape", FAST_NORM_SHAPES[:2] + NORM_SHAPES[:1])
+def test_evaluation_without_gradients_is_paddles_batch_norm_and_activation(shape, act):
+    """Evaluation under no_grad (NHWC) runs the operator's inference pass: Paddle's
+    batch_norm on the running statistics, then the activation, to 1e-5 (x * a + b against
+    (x - mean) * a + shift); in bf16 within one rounding of it."""
+    rng = np.random.default_rng(sum(shape))
+    layer = models.BatchNormAct2D(shape[1], act=act)
+    layer._mean.set_value(rng.standard_normal(shape[1]).astype(np.float32))
+    layer._variance.set_value((0.5 + rng.random(shape[1])).astype(np.float32))
+    layer.bias.set_value(rng.standard_normal(shape[1]).astype(np.float32) * 0.3)
+    layer.eval()
+    x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32) * 2)
+    want = layer(x).numpy()
+    with paddle.no_grad():
+        got = nchw(kernels.batch_norm(layer, nhwc(x), nhwc=True)[0])
+        got16 = kernels.batch_norm(layer, nhwc(x).astype("bfloat16"), nhwc=True)[0]
+    assert relative(got, want) <= 1e-5
+    assert relative(nchw(got16.astype("float32")), want) <= 1e-2
+
+
+@needs_op
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_the_operator_moves_the_layers_running_statistics_as_paddle_does(layout):
     """Three training steps at momentum 0.8: the operator updates the layer's own _mean
