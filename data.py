@@ -522,7 +522,7 @@ class DeviceCifarLoader:
     (zero padding of 4, random 32x32 crop, horizontal flip), ``flip`` or ``none``; and
     ``translate_flip``, airbench94's: reflected padding of 2, a random 32x32 crop, and
     flips drawn once per image and turned over every other epoch (each image is seen
-    mirrored in every other epoch, instead of at random: arXiv:2404.00498, section 3.4).
+    mirrored in every other epoch, instead of at random: arXiv:2404.00498).
     """
     PAD = dict(crop_flip=4, translate_flip=2)
 

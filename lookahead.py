@@ -1,4 +1,4 @@
-"""Weight averaging as airbench94 does it (its "Lookahead", arXiv:2404.00498, section 3.6):
+"""Weight averaging as airbench94 does it (its "Lookahead", arXiv:2404.00498):
 every ``every`` steps the average moves toward the weights, avg += (1 - d) (w - avg), and
 the weights are set to it; d = decay**every x (iteration / total)**3, so the average
 follows the weights closely early on and holds on to more of its past as the learning

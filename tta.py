@@ -2,7 +2,7 @@
 
     none            the image
     flip            the image and its mirror, 1/2 each
-    flip_translate  airbench94's six views (arXiv:2404.00498, section 3.5): the mirrored
+    flip_translate  airbench94's six views (arXiv:2404.00498): the mirrored
                     pair (1/2), and the mirrored pairs of the image moved one pixel up-left
                     and one down-right with reflected edges (1/4 each)
 

@@ -94,11 +94,13 @@ def frozen_scale(layer):
 def shift_after_norm(layer, x, data_format):
     """A BatchNorm2D ``layer`` in training whose scale is frozen, its scale and shift applied
     after Paddle's batch_norm of scale 1 and shift 0: given a scale that needs no gradient,
-    Paddle's batch_norm gives the shift none either (its backward skips both; 2.6 and
-    3.3.1). The 1 and 0 are float32 tensors, not None: the GPU kernel makes a missing one
-    in the activations' dtype and reads it as float32 (phi/kernels/gpu/batch_norm_kernel.cu)."""
+    Paddle's batch_norm gives the shift none either (its backward skips both; reproduced on
+    3.3.1's CPU kernel). The 1 and 0 are float32 tensors, not None: the GPU kernel makes a
+    missing one in the activations' dtype and reads it as float32
+    (phi/kernels/gpu/batch_norm_kernel.cu)."""
     y = F.batch_norm(x, layer._mean, layer._variance, paddle.ones_like(layer.weight), paddle.zeros_like(layer.bias),
-                     training=True, momentum=layer._momentum, epsilon=layer._epsilon, data_format=data_format)
+                     training=True, momentum=layer._momentum, epsilon=layer._epsilon, data_format=data_format,
+                     use_global_stats=layer._use_global_stats)
     shape = [1, -1, 1, 1] if data_format == "NCHW" else [1, 1, 1, -1]
     return y * layer.weight.reshape(shape) + layer.bias.reshape(shape)
 
