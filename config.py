@@ -46,17 +46,19 @@ class TrainConfig:
     norm_shift_lr: float = 1.0       # lr x this for the BatchNorm shifts, and their weight decay / this
     #                                  (so its pull per step stays): airbench's bias_scaler is 64
     label_smoothing: float = 0.0     # cross-entropy label smoothing (0: none)
-    lookahead: float = 0.0           # weight averaging (airbench94's lookahead): every 5 steps the weights go to their
-    #                                  running average, decay lookahead**5 x (iteration / total)**3; 0: off; airbench 0.95
+    lookahead: float = 0.0           # weight averaging (airbench94's lookahead): every 5 steps the weights go to
+    #                                  their running average, decay lookahead**5 x (iteration / total)**3; 0: off;
+    #                                  airbench 0.95
     # data
     dataset: str = "cifar10"         # cifar10 | cifar100 | folder (an image folder, --data-dir)
     data_file: str = ""              # cifar10/cifar100: the official cifar-10/100-python.tar.gz; "": Paddle's download
     data_dir: str = ""               # folder: a folder of class sub-folders
     image_size: int = 224            # folder: the training crop; evaluation resizes to image_size * 256/224, then crops
     val_fraction: float = 0.2        # folder: held out of each class (seeded), for model selection
-    augment: str = "crop_flip"       # CIFAR: crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color | none |
-    #                                  translate_flip (--loader device: 2-pixel reflected pad + random 32 crop; random
-    #                                  flips in the first epoch, each image's flip turned over every other epoch: airbench)
+    augment: str = "crop_flip"       # CIFAR: crop_flip (4-pixel pad + random 32 crop + flip) | flip | flip_color |
+    #                                  none | translate_flip (--loader device: 2-pixel reflected pad + random 32 crop;
+    #                                  random flips in the first epoch, each image's flip turned over every other
+    #                                  epoch: airbench)
     normalize: str = "dataset"       # CIFAR: the mean/std of the dataset's own training images | cifar10 | cifar100 | imagenet
     val_size: int = 5000             # CIFAR: held out of the 50k training images, for model selection
     subset: int = 0                  # train on the first N training images (0: all)

@@ -95,7 +95,8 @@ std::vector<paddle::Tensor> NormForwardNCHW(const paddle::Tensor &x, const paddl
 }
 
 // The gradients through BN and its activation: with g = dy through the activation (the
-// ReLU's mask where y > 0, GELU's derivative at its input) and xhat = (x - mean) * inv_std, dscale = sum(g * xhat), dshift = sum(g) and
+// ReLU's mask where y > 0, GELU's derivative at its input) and xhat = (x - mean) *
+// inv_std, dscale = sum(g * xhat), dshift = sum(g) and
 // dx = scale * inv_std * (g - dshift / count - xhat * dscale / count).
 template <int A>
 std::vector<paddle::Tensor> NormBackwardNCHW(const paddle::Tensor &x, const paddle::Tensor &scale,

@@ -32,6 +32,7 @@ import paddle.nn as nn
 
 from .layers import BatchNormAct2D, Conv2D, GlobalMaxPool2D, InputCast, MaxPool2D, ResidualJoin, block_inputs
 
+
 def frozen_scale_norm(channels):
     """BatchNorm + GELU with its scale fixed at 1: only its shift trains."""
     norm = BatchNormAct2D(channels, act="gelu", momentum=0.6)
