@@ -549,9 +549,10 @@ class DeviceCifarLoader:
         rs = np.random.RandomState([self.seed, epoch, 7])
         dy = rs.randint(0, 2 * self.pad + 1, n)
         dx = rs.randint(0, 2 * self.pad + 1, n)
-        flip = rs.rand(n) < 0.5 if self.augment in ("crop_flip", "flip") else np.zeros(n, bool)
         if self.augment == "translate_flip":  # drawn once, turned over every other epoch
             flip = (np.random.RandomState([self.seed, 8]).rand(n) < 0.5) ^ bool(epoch % 2)
+        else:
+            flip = rs.rand(n) < 0.5 if self.augment in ("crop_flip", "flip") else np.zeros(n, bool)
         return dy, dx, flip
 
     def batch(self, idx, dy, dx, flip):

@@ -65,8 +65,8 @@ def use_in(model, dtype="float32", layout="nhwc"):
     """Give the layers of ``model`` (built from models/layers.py) their kernels on our
     operators (load() must have succeeded): every covered Conv2D, every BatchNormAct2D and
     ResidualJoin, and, for a network of models/ with its pool and classifier whose
-    convolutions and pools are all covered, the entry, the pools and the NHWC layout (``layout="nchw"`` keeps NCHW, where
-    oneDNN reorders every convolution's activations). ``dtype="bfloat16"`` (NHWC only)
+    convolutions and pools are all covered, the entry, the pools and the NHWC layout
+    (``layout="nchw"`` keeps NCHW, where oneDNN reorders every convolution's activations). ``dtype="bfloat16"`` (NHWC only)
     trains with bf16 activations and gradients between the operators; weights, their
     gradients, BN statistics and the classifier stay fp32, and evaluation runs in fp32.
     Returns how many layers took each kind of kernel, with the layout and dtype."""

@@ -8,7 +8,7 @@ Paddle's ops otherwise (a model moved to a GPU, evaluation's BatchNorm, frozen s
 import paddle
 import paddle.nn.functional as F
 
-from models.layers import frozen_scale, shift_after_norm
+from models.layers import normalize
 
 from . import build
 
@@ -72,14 +72,7 @@ def paddle_batch_norm(layer, x, nhwc):
     bf16 activations (frozen statistics in bf16 fine-tuning) go through it in fp32 and
     come back bf16, their gradient too."""
     bf16 = x.dtype == paddle.bfloat16
-    x = bf16_cast(x) if bf16 else x
-    if frozen_scale(layer):
-        y = shift_after_norm(layer, x, data_format(nhwc))
-    else:
-        y = F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
-                         momentum=layer._momentum, epsilon=layer._epsilon, data_format=data_format(nhwc),
-                         use_global_stats=layer._use_global_stats)
-    y = layer.activation(y)
+    y = layer.activation(normalize(layer, bf16_cast(x) if bf16 else x, data_format(nhwc)))
     return bf16_cast(y) if bf16 else y
 
 

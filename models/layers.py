@@ -72,10 +72,7 @@ class BatchNormAct2D(nn.BatchNorm2D):
     def forward(self, x):
         if self.kernel is not None:
             return forked(self, *self.kernel(self, x))
-        if frozen_scale(self):
-            y = self.activation(shift_after_norm(self, x, self._data_format))
-        else:
-            y = self.activation(nn.BatchNorm2D.forward(self, x))
+        y = self.activation(normalize(self, x, self._data_format))
         return forked(self, y, y)
 
     def activation(self, y):
@@ -83,6 +80,16 @@ class BatchNormAct2D(nn.BatchNorm2D):
 
     def extra_repr(self):
         return nn.BatchNorm2D.extra_repr(self) + (f", act={self.act}" if self.act else "")
+
+
+def normalize(layer, x, data_format):
+    """A BatchNorm2D ``layer`` of ``x`` on Paddle's kernel, its activation not applied: a
+    frozen scale through shift_after_norm, anything else through F.batch_norm."""
+    if frozen_scale(layer):
+        return shift_after_norm(layer, x, data_format)
+    return F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
+                        momentum=layer._momentum, epsilon=layer._epsilon, data_format=data_format,
+                        use_global_stats=layer._use_global_stats)
 
 
 def frozen_scale(layer):
