@@ -11,6 +11,7 @@ import shutil
 import paddle
 
 from errors import UserError
+from models.registry import FROZEN_SCALE
 
 # Paddle's auto_cast and decorate turn themselves off, with only a warning, below these
 # compute capabilities, and the run trains in fp32 (python/paddle/amp/auto_cast.py).
@@ -171,6 +172,10 @@ def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=()):
     ``cap`` for a GPU, CPU ``flags``), or UserError for a combination that cannot work.
     Pure: the facts come in as arguments, so every combination is tested anywhere."""
     major = int(paddle_version.split(".")[0])  # a develop build says 0.0.0: treat it as new
+    if cfg.to_static and major == 2 and cfg.model in FROZEN_SCALE:
+        # 2.6's dy2static loses a parameter used after batch_norm ("not found in the scope"); 3.3.1 compiles it
+        raise UserError(f"--to-static cannot compile {cfg.model}'s frozen-scale BatchNorm on Paddle 2.6: "
+                        "drop --to-static, or use Paddle 3.x")
     if cfg.amp and device != "gpu":
         units = cpu_amp_plan(cfg, flags)
         return dict(amp=True, amp_dtype="bfloat16", amp_level="O1", loss_scaling=False, fp32_eval_copy=False,

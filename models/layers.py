@@ -84,9 +84,12 @@ class BatchNormAct2D(nn.BatchNorm2D):
 
 def normalize(layer, x, data_format):
     """A BatchNorm2D ``layer`` of ``x`` on Paddle's kernel, its activation not applied: a
-    frozen scale through shift_after_norm, anything else through F.batch_norm."""
+    frozen scale through shift_after_norm, anything else through BatchNorm2D's own forward,
+    or F.batch_norm in another layout than the layer's (our kernels' NHWC fallback)."""
     if frozen_scale(layer):
         return shift_after_norm(layer, x, data_format)
+    if data_format == layer._data_format:  # not F.batch_norm: Paddle 2.6's to_static then fails on
+        return nn.BatchNorm2D.forward(layer, x)  # resnet20 ("not found in the scope", tests/test_speed.py)
     return F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias, training=layer.training,
                         momentum=layer._momentum, epsilon=layer._epsilon, data_format=data_format,
                         use_global_stats=layer._use_global_stats)

@@ -13,6 +13,9 @@ MODELS = {f.__name__: f for f in (
 CIFAR_ONLY = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44", "plain56",
               "plain110", "fast_resnet", "fast_plain")
 
+# the networks whose BatchNorm scales are frozen (shift_after_norm in models/layers.py)
+FROZEN_SCALE = ("fast_resnet", "fast_plain")
+
 
 def get_model(name, **kwargs):
     """Build a model by factory name: ``get_model("resnet18", num_classes=10, stem="cifar")``."""

@@ -171,10 +171,16 @@ def test_o2_optimizer_state_restores_into_a_second_model_in_one_process():
     (dict(amp=True, amp_dtype="bfloat16", to_static=True), P26, "gpu", (8, 0), "trains in fp16 without loss scaling"),
     (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), P3, "gpu", (8, 0), "no momentum (SGD) kernel"),
     (dict(amp=True, amp_dtype="bfloat16", amp_level="O2"), P26, "gpu", (9, 0), "no momentum (SGD) kernel"),
+    (dict(model="fast_resnet", to_static=True), P26, "cpu", None, "cannot compile fast_resnet's frozen-scale BatchNorm"),
+    (dict(model="fast_plain", to_static=True), P26, "gpu", (8, 0), "on Paddle 2.6: drop --to-static"),
 ])
 def test_training_plan_refuses_what_cannot_work(values, version, device, cap, message):
     with pytest.raises(errors.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         devices.training_plan(cfg_of(**values), version, device, cap)
+
+
+def test_paddle3_compiles_the_fast_networks():
+    assert devices.training_plan(cfg_of(model="fast_resnet", to_static=True), P3, "cpu")["amp"] is False
 
 
 AMX = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
