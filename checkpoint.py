@@ -42,12 +42,25 @@ def prepare_run_dir(out, resuming, writer=True):
         raise UserError(f"--output-dir {out} cannot be created ({e.strerror or e})")
     if writer:
         files.lock(out)  # before looking inside: a run another process is writing is not ours to judge
+    try:
+        check_run_dir(out, resuming)
+        if writer:
+            files.remove_leftovers(out)
+    except BaseException:  # refused: the lock goes (a notebook's next fit or a terminal's --resume may take it)
+        files.unlock(out)
+        raise
+
+
+STARTED_ONLY = ["config.yaml"]  # what a run leaves when stopped before its first checkpoint
+
+
+def check_run_dir(out, resuming):
+    """Refuse a directory that holds a run, unless resuming. A run stopped before its first
+    checkpoint (only its config.yaml) starts again: there is nothing to resume or to lose."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if not resuming and found:
+    if not resuming and found and found != STARTED_ONLY:
         how = f"continue it with --resume {out}, or " if LAST in found else ""
         raise UserError(f"{out} already holds a run ({', '.join(found)}); {how}pick a new --output-dir")
-    if writer:
-        files.remove_leftovers(out)
 
 
 def save(path, state):
@@ -60,11 +73,14 @@ def save_run(out, state, improved):
     """Save ``LAST``; when the epoch ``improved`` on validation, make ``BEST`` the same file
     (a hard link, or a copy where links are not possible), also atomically (timm's saver).
     A kill between the two leaves LAST holding the best epoch: ``repair_run`` links it.
-    results.yaml (a finished run's report) would no longer describe the run: it goes first."""
+    results.yaml (a finished run's report) would no longer describe the run: it goes once
+    the new LAST is written and before it takes LAST's name, so a failed save (a full disk,
+    a file-size limit) leaves both as they were."""
     results = os.path.join(out, RESULTS)
-    if os.path.exists(results):
-        os.remove(results)
-    save(os.path.join(out, LAST), state)
+    with replacing(os.path.join(out, LAST)) as tmp:
+        paddle.save(state, tmp)
+        if os.path.exists(results):
+            os.remove(results)
     if improved:
         link_best(out)
 
@@ -112,6 +128,11 @@ def load_run(run_dir):
     if not os.path.isdir(run_dir):
         raise UserError(f"--resume {run_dir}: give the run's directory (the --output-dir it was trained into)"
                         + (", not a checkpoint file" if os.path.isfile(run_dir) else ""))
+    if not os.path.exists(os.path.join(run_dir, LAST)):
+        started = os.path.exists(os.path.join(run_dir, STARTED_ONLY[0]))
+        raise UserError(f"--resume {run_dir}: no checkpoint in it; " + (
+            "the run stopped before its first one: start it again with the command that made it, without --resume"
+            if started else "give the --output-dir of a run"))
     return load(run_dir)
 
 

@@ -31,8 +31,37 @@ def _cpu_vendor():
 #   import prints "WARNING: OMP_NUM_THREADS set to 2, not 1 ... PLEASE USE OMP_NUM_THREADS
 #   WISELY" for any value above 1 (paddle/base/__init__.py, __bootstrap__): it imports
 #   with 1, and the OpenMP runtimes get the count right after (use_threads, below).
-THREADS = int(os.environ.get("OMP_NUM_THREADS") or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                    else os.cpu_count() or 1))
+def _threads():
+    """OMP_NUM_THREADS as the user set it (a whole number), else every core we may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"error: OMP_NUM_THREADS={value} is not a number of threads: set it to a whole number such as 2, "
+                 "or unset it")
+    return int(value)
+
+
+# - An address-space limit (ulimit -v) too small for Paddle's libraries: Paddle 3.3.1 fails
+#   to load under 1,000,000 KB (an ImportError), cannot start its threads under 1,200,000
+#   and trains ResNet-20 under 1,300,000: below 1.5 GiB, one line instead of those.
+MIN_ADDRESS_SPACE = 3 << 29
+
+
+def _check_address_space():
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        sys.exit(f"error: the address-space limit (ulimit -v) is {soft >> 20} MB; Paddle needs about 1.5 GB of "
+                 "addresses to load and train: raise it (ulimit -v unlimited)")
+
+
+if "paddle" not in sys.modules:
+    _check_address_space()
+THREADS = _threads()
 if "paddle" not in sys.modules:
     os.environ["OMP_NUM_THREADS"] = "1"
 # - One OpenMP thread team, and its idle workers spin 20 ms before they sleep. Inside

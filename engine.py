@@ -343,7 +343,17 @@ def train_epochs(training, model, batches, loaded, rank):
         # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
         if run.step > 0 and t.world == 1 and np.isfinite(as_number(run.loss_sum)):
             save()
-        exit_stopped(stop, out)
+        exit_stopped(stop, out, t.world)
+    except SystemError as e:  # a DataLoader worker died (killed by the OOM killer, or by a signal of its own)
+        lost = errors.lost_worker(e)
+        if lost is None:
+            raise
+        ignore_stop_signals()
+        if run.step > 0 and t.world == 1 and np.isfinite(as_number(run.loss_sum)):
+            save()
+        where = os.path.join(out, checkpoint.LAST)
+        raise UserError(f"{lost}; checkpoint in {where}, continue with --resume {out}" if os.path.exists(where)
+                        else f"{lost}; nothing saved yet: the same command starts the run again")
     except MemoryError:
         raise UserError(f"out of memory training {cfg.model} at --batch-size {cfg.batch_size}: try "
                         f"--batch-size {max(cfg.batch_size // 2, 1)}" + (f" (the last checkpoint, {out}, is kept; "
@@ -374,12 +384,18 @@ def set_up(cfg):
     return device, world, rank, plan
 
 
-def exit_stopped(stop, out):
-    """After Ctrl-C or SIGTERM: say where the checkpoint is, exit 130 (143 for SIGTERM)."""
+def exit_stopped(stop, out, world=1):
+    """After Ctrl-C or SIGTERM: say where the checkpoint is and what it holds, exit 130 (143
+    for SIGTERM). Under the launcher the position inside an epoch is not saved (the ranks'
+    partial sums are not reduced): the checkpoint is the last finished epoch's."""
     where = os.path.join(out, checkpoint.LAST)
     how = "terminated" if isinstance(stop, errors.Terminated) else "interrupted"
-    log(f"\n{how}: checkpoint in {where}; continue with --resume {out}" if os.path.exists(where)
-        else f"\n{how} before the first step: nothing saved yet")
+    if not os.path.exists(where):
+        log(f"\n{how} before the first checkpoint: nothing saved yet; the same command starts the run again")
+    else:
+        held = " (the last finished epoch's: under the launcher a stop inside an epoch loses that epoch)" \
+            if world > 1 else ""
+        log(f"\n{how}: checkpoint in {where}{held}; continue with --resume {out}")
     sys.exit(errors.stop_code(stop))
 
 

@@ -6,7 +6,9 @@ a closed stdout a quiet end; never a traceback for any of them.
         run(argv)
 """
 import contextlib
+import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -45,12 +47,39 @@ def user_errors():
         print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: nothing was saved",
               file=sys.stderr, flush=True)
         sys.exit(stop_code(stop))
+    except OSError as e:
+        if e.errno != errno.EFBIG:
+            raise
+        sys.exit(f"error: a file-size limit (ulimit -f) stops this process writing ({e.strerror}): raise it "
+                 "(ulimit -f unlimited)")
+    except SystemError as e:
+        lost = lost_worker(e)
+        if lost is None:
+            raise
+        sys.exit(f"error: {lost}")
     except BrokenPipeError:  # the reader of our output went away: end quietly, as `cat` would
         quiet_stdout()
         sys.exit(141)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def lost_worker(error):
+    """What happened, in one line, when ``error`` is the SystemError Paddle's DataLoader
+    raises (from its SIGCHLD handler, wherever the main process is) for a worker that died;
+    None for any other error."""
+    if "Blocking queue is killed because the data reader raises an exception" in str(error):
+        return "a DataLoader worker ended unexpectedly (a signal sent to it alone?)"
+    found = re.search(r"DataLoader process \(pid (\d+)\) exited (?:is killed by signal: (\w+)|unexpectedly with "
+                      r"code (-?\d+))", str(error))
+    if found is None:
+        return None
+    pid, by, code = found.groups()
+    how = f"was killed by signal {by}" if by else f"exited with code {code}"
+    oom = " (SIGKILL is what the kernel's out-of-memory killer sends: lower --num-workers or --batch-size)" \
+        if by == "Killed" else ""
+    return f"a DataLoader worker (pid {pid}) {how}{oom}"
 
 
 def quiet_stdout():

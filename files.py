@@ -29,6 +29,8 @@ def why_not_written(path, error):
     why = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         why += ": free some disk space"
+    elif error.errno == errno.EFBIG:
+        why += ": a file-size limit (ulimit -f) is below it; raise it (ulimit -f unlimited)"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why += f": make {os.path.dirname(os.path.abspath(path))} writable"
     return f"could not write {path} ({why})"

@@ -200,7 +200,8 @@ def test_a_new_run_never_overwrites_an_old_one(straight_run, archive, capsys):
 
 
 def test_resume_of_missing_run_is_one_line(tmp_path, capsys):
-    assert "no such file" in run_error(train_cifar10.main, ["--resume", str(tmp_path)], capsys)
+    assert "no checkpoint in it; give the --output-dir of a run" in run_error(
+        train_cifar10.main, ["--resume", str(tmp_path)], capsys)
 
 
 def test_configs_parse():
