@@ -21,7 +21,6 @@ after it (the median of the per-round ratios). --pipeline times the input pipeli
 (DataLoader + training transforms on the real archive); --loop times one real epoch and
 reports its wall time over the sum of its compute steps (the loop's overhead).
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -432,7 +431,7 @@ def main(argv=None):
 
 
 def run(argv=None):
-    parser = argparse.ArgumentParser(description="Images/s of ResNet training and evaluation.")
+    parser = errors.ArgumentParser(description="Images/s of ResNet training and evaluation.")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
     parser.add_argument("--num-classes", type=int, default=10)

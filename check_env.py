@@ -10,11 +10,11 @@ GPU this Paddle cannot use (no kernels for it, e.g. PyPI's paddlepaddle-gpu 2.6.
 H100) ends with one line naming the fix and exit 1.
 train_cifar10.py and finetune.py run the same check when they pick a GPU.
 """
-import argparse
 import sys
 
 import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import device as devices
+import errors
 import cpu_kernels
 
 
@@ -61,7 +61,7 @@ def verdict(facts, require_gpu=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check what this Paddle can train on.")
+    parser = errors.ArgumentParser(description="Check what this Paddle can train on.")
     parser.add_argument("--require-gpu", action="store_true", help="exit 1 when there is no usable GPU")
     args = parser.parse_args(argv)
     facts = devices.gpu_facts(probe=True)

@@ -334,7 +334,13 @@ def resume_config(run_dir, overrides, cls, state):
 
 def from_checkpoint(state):
     """The config a checkpoint was trained with (a fine-tuning one has ``pretrained``)."""
-    return make_config(saved_values(state), cls=FinetuneConfig if "pretrained" in state["config"] else TrainConfig)
+    cls = FinetuneConfig if "pretrained" in state["config"] else TrainConfig
+    values = saved_values(state)
+    unknown = sorted(set(renamed(values)) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise UserError(f"the checkpoint's config has key(s) this version of the project does not know "
+                        f"({', '.join(unknown)}): a newer version saved it; update the project (git pull) to read it")
+    return make_config(values, cls=cls)
 
 
 def saved_values(state):

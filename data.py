@@ -393,17 +393,21 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 def load_image(path):
     """An 8-bit RGB PIL image from any file PIL reads: grayscale, palette, RGBA and CMYK
     are converted, 16-bit grayscale is scaled (PIL's own convert would clip it to white).
-    Raises OSError/ValueError (PIL's errors) for a file that does not decode."""
+    Raises OSError/ValueError (PIL's errors) for a file that does not decode, ValueError for
+    one over PIL's size limit too (its DecompressionBombError is neither)."""
     from PIL import Image, ImageOps
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated file fails here, not later
-        img = ImageOps.exif_transpose(img)  # a phone photo as it is shown, not as its pixels are stored
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            pixels = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray((pixels / (257 if pixels.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # PIL's advice for palette images with transparency
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)  # a phone photo as it is shown, not as its pixels are stored
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray((pixels / (257 if pixels.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")  # PIL's advice for palette images with transparency
+            return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(str(e)) from None
 
 
 def is_hidden(name):

@@ -15,7 +15,6 @@ training dynamics from a short run holds only if it holds for every seed.
 
 Run it again and finished networks are reused, an interrupted one resumes.
 """
-import argparse
 import csv
 import io
 import math
@@ -101,7 +100,7 @@ def summary_table(rows, evidence):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plain vs residual networks on CIFAR-10 (the degradation problem).")
+    parser = errors.ArgumentParser(description="Plain vs residual networks on CIFAR-10 (the degradation problem).")
     parser.add_argument("--data-file", default="", help="cifar-10-python.tar.gz (default: Paddle's download)")
     parser.add_argument("--subset", type=int, default=10000, help="training images (0: all 45k)")
     parser.add_argument("--val-size", type=int, default=5000)

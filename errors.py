@@ -5,6 +5,7 @@ a closed stdout a quiet end; never a traceback for any of them.
     with errors.user_errors():
         run(argv)
 """
+import argparse
 import contextlib
 import errno
 import os
@@ -21,6 +22,16 @@ class UserError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, Slurm, docker stop), handled as Ctrl-C is."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes (an unknown option, an invalid choice, a missing
+    argument) are one line as every other mistake, not a usage block; exit status 2 as
+    argparse's. --help prints the usage."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def terminate(signum, frame):

@@ -8,7 +8,6 @@
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
 images/s; saves the confusion matrix as a PNG next to the checkpoint.
 """
-import argparse
 import json
 import os
 import sys
@@ -54,7 +53,7 @@ def eval_split(cfg, args, class_names):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint (CIFAR-10, CIFAR-100, or an image-folder run's images).")
+    parser = errors.ArgumentParser(description="Evaluate a checkpoint (CIFAR-10, CIFAR-100, or an image-folder run's images).")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt file, or a run directory (its best, else last)")
     parser.add_argument("--split", choices=["test", "val"],
                         help="default: test for CIFAR, val for an image-folder run (a folder has no test split)")

@@ -5,17 +5,17 @@
     python export.py --ckpt runs/cifar10 --output exported/cifar10 --format onnx
     python predict.py --onnx exported/cifar10/model.onnx photo.jpg
 """
-import argparse
 import os
 
 import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import checkpoint
 import errors
+import files
 import predictors
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a checkpoint with paddle.jit.save.")
+    parser = errors.ArgumentParser(description="Export a checkpoint with paddle.jit.save.")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt checkpoint (or a run directory: its best)")
     parser.add_argument("--output", required=True, help="directory to write model.* and meta.json to")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output")
@@ -30,15 +30,20 @@ def main(argv=None):
         if existing and not args.overwrite:
             raise errors.UserError(f"--output {args.output} already holds an export ({', '.join(sorted(existing))}); "
                                    "pick another directory, or add --overwrite to replace it")
-        if existing and os.path.exists(os.path.join(args.output, "model.onnx")):
-            os.remove(os.path.join(args.output, "model.onnx"))  # it would stay behind, from the replaced model
         with checkpoint.on_cpu():  # and back: in a notebook the next cell keeps its GPU (GPU audit 2, N10)
             predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), device="cpu")
-            prefix = predictors.export(predictor, args.output)
-        if args.format == "onnx":
-            onnx_path = predictors.export_onnx(args.output)
-            print(f"exported {onnx_path} (opset {predictors.ONNX_OPSET}, batch size dynamic)")
-    print(f"exported {prefix}.* and {args.output}/meta.json")
+        # written aside and moved in at the end: a stop or a failure leaves --output as it was
+        with files.writing_into(args.output) as tmp:
+            with checkpoint.on_cpu():
+                predictors.export(predictor, tmp, shipped_to=args.output)
+            if args.format == "onnx":
+                predictors.export_onnx(tmp)
+        stale_onnx = os.path.join(args.output, "model.onnx")
+        if args.format != "onnx" and existing and os.path.exists(stale_onnx):
+            os.remove(stale_onnx)  # from the replaced model
+    if args.format == "onnx":
+        print(f"exported {os.path.join(args.output, 'model.onnx')} (opset {predictors.ONNX_OPSET}, batch size dynamic)")
+    print(f"exported {os.path.join(args.output, 'model')}.* and {args.output}/meta.json")
 
 
 if __name__ == "__main__":

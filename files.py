@@ -7,6 +7,7 @@ import contextlib
 import errno
 import glob
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -57,6 +58,26 @@ def replacing(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def writing_into(folder):
+    """Yield a temporary folder inside ``folder`` (made if missing) to write files into;
+    then move each onto its name in ``folder``. A failure or a stop before that removes the
+    temporary folder and leaves ``folder``'s files as they were; an OSError is one UserError."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".writing.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise UserError(why_not_written(folder, e))
+    try:
+        yield tmp
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    except OSError as e:
+        raise UserError(why_not_written(folder, e) + "; what was saved before is intact")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path, text):

@@ -10,7 +10,6 @@ Three fine-tuning strategies:
   head  freeze the whole backbone (a fixed feature extractor); train a new classifier only.
 Frozen layers get no gradient and their BatchNorm statistics stay as loaded.
 """
-import argparse
 import os
 
 import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
@@ -64,7 +63,7 @@ def load_pretrained(model, cfg, num_classes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune a ResNet on an image folder.")
+    parser = errors.ArgumentParser(description="Fine-tune a ResNet on an image folder.")
     config.add_run_arguments(parser, config.FinetuneConfig, DEPTHS)
     args = parser.parse_args(argv)
     with errors.user_errors():

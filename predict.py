@@ -7,7 +7,6 @@
 Images of any mode (grayscale, palette, RGBA, CMYK) are converted to RGB. In folder
 mode an unreadable file is reported and skipped; a single unreadable image is an error.
 """
-import argparse
 import json
 import os
 import sys
@@ -54,7 +53,7 @@ def positive(flag, value):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Predict image classes with a trained ResNet.")
+    parser = errors.ArgumentParser(description="Predict image classes with a trained ResNet.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a .pdckpt checkpoint, or a run directory (its best)")
     source.add_argument("--inference-model", metavar="DIR", help="a directory written by export.py")

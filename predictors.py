@@ -39,12 +39,13 @@ class CheckpointPredictor:
         return self.model(paddle.to_tensor(batch)).numpy()
 
 
-def export(predictor, output_dir, program=False):
+def export(predictor, output_dir, program=False, shipped_to=None):
     """Save a CheckpointPredictor's model with paddle.jit.save (batch size dynamic) plus
     meta.json (class names, preprocessing, the checkpoint's path from the export: no
     user's home directory in a file that is shipped). Returns the path prefix of the saved model.
     program: a model.pdmodel (Paddle's program format, 2.x's export) on 3.x too, in place of
-    model.json: what bf16 inference runs on (check_cpu_bf16)."""
+    model.json: what bf16 inference runs on (check_cpu_bf16). shipped_to: the folder the
+    files end up in, when ``output_dir`` is a temporary one (the checkpoint's path is from it)."""
     os.makedirs(output_dir, exist_ok=True)
     size = predictor.preprocess["crop"]
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
@@ -56,7 +57,7 @@ def export(predictor, output_dir, program=False):
         paddle.jit.save(predictor.model, prefix, input_spec=spec)
     with open(os.path.join(output_dir, META), "w") as f:
         json.dump(dict(model=predictor.cfg.model, class_names=predictor.class_names,
-                       preprocess=predictor.preprocess, checkpoint=os.path.relpath(predictor.ckpt, output_dir),
+                       preprocess=predictor.preprocess, checkpoint=os.path.relpath(predictor.ckpt, shipped_to or output_dir),
                        paddle_version=paddle.__version__), f, indent=1)
     return prefix
 
@@ -116,10 +117,21 @@ class OnnxPredictor:
             self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise UserError(f"onnxruntime could not load {path} ({type(e).__name__}); export it again")
-        self.input = self.session.get_inputs()[0].name
+        self.input, self.path = self.session.get_inputs()[0], path
 
     def __call__(self, batch):
-        return self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        try:
+            return self.session.run(None, {self.input.name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        except Exception as e:  # onnxruntime's own error types
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            takes, given = list(self.input.shape[1:]), list(np.shape(batch)[1:])
+            if all(isinstance(t, int) for t in takes) and takes != given:
+                raise UserError(f"--onnx {self.path} takes images of shape {takes}, and its {META} prepares them "
+                                f"as {given}: they come from two exports; export the model again with export.py "
+                                "--format onnx")
+            raise UserError(f"onnxruntime could not run {self.path} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); export it again with export.py --format onnx")
 
 
 TENSORRT_MAX_BATCH = 256  # TensorRT's static-shape engine refuses larger batches

@@ -10,7 +10,6 @@
 Selection uses a validation split held out of the training set (--val-size);
 the test set is evaluated once at the end, for the final and the best model.
 """
-import argparse
 
 import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads)
 import checkpoint
@@ -24,7 +23,7 @@ DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train a ResNet on CIFAR-10, CIFAR-100 or an image folder.")
+    parser = errors.ArgumentParser(description="Train a ResNet on CIFAR-10, CIFAR-100 or an image folder.")
     config.add_run_arguments(parser, config.TrainConfig, DEPTHS)
     args = parser.parse_args(argv)
     with errors.user_errors():

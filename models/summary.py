@@ -107,7 +107,9 @@ def build(name, num_classes=None, stem=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="Per-layer table and totals: parameters, output shapes, "
+                                     "multiply-accumulates.")  # not __doc__: python -OO strips it
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, as the scripts
     parser.add_argument("model", help="a factory name (resnet50, resnet20, plain56, ...) or vgg16")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=None)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import export
 import files
 import train_cifar10
 from helpers import make_cifar_archive
@@ -142,3 +143,101 @@ def test_omp_num_threads_that_is_no_number_is_one_line(value):
     code, text = run("eval.py", "--help", env=dict(os.environ, OMP_NUM_THREADS=value))
     assert code == 1 and one_line_error(text) == (
         f"error: OMP_NUM_THREADS={value} is not a number of threads: set it to a whole number such as 2, or unset it")
+
+
+# ------------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def finished_run(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(out)])
+    return out
+
+
+def test_sigterm_during_export_leaves_the_folder_as_it_was(finished_run, tmp_path):
+    out = tmp_path / "exported"
+    slow = ("import paddle, time; save = paddle.jit.save\n"
+            "def slow(*a, **k):\n    save(*a, **k); print('SAVED', flush=True); time.sleep(30)\n"
+            "paddle.jit.save = slow")
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_settings, export\n{slow}\nexport.main(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code, "--ckpt", str(finished_run), "--output", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "SAVED" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    text = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143 and one_line_error(text) == "terminated: nothing was saved", text
+    assert os.listdir(out) == []  # no model.json, model.pdiparams or meta.json, no temporary folder
+
+
+def test_export_into_a_folder_it_cannot_write_is_one_line(finished_run, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+    out = tmp_path / "ro"
+
+    def read_only(*a, **k):  # as root, chmod does not stop us: the file system says no
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(finished_run), "--output", str(out)])
+    assert str(e.value.code) == f"error: could not write {out} (Permission denied: make {tmp_path} writable)"
+
+
+def test_an_export_replaced_with_overwrite_is_whole(finished_run, tmp_path):
+    out = tmp_path / "exported"
+    export.main(["--ckpt", str(finished_run), "--output", str(out)])
+    first = sorted(os.listdir(out))
+    export.main(["--ckpt", str(finished_run), "--output", str(out), "--overwrite"])
+    assert sorted(os.listdir(out)) == first and "meta.json" in first
+
+
+# --------------------------------------------------------- odd inputs and environments
+def test_a_checkpoint_of_a_newer_version_says_so(finished_run, tmp_path):
+    import checkpoint
+    import eval as eval_script
+    import paddle
+    state = checkpoint.load(str(finished_run))
+    state["config"]["warmup_shape"] = "cosine"  # a key of a later version
+    newer = tmp_path / "newer.pdckpt"
+    paddle.save(state, str(newer))
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(["--ckpt", str(newer)])
+    assert str(e.value.code) == ("error: the checkpoint's config has key(s) this version of the project does not "
+                                 "know (warmup_shape): a newer version saved it; update the project (git pull) to "
+                                 "read it")
+
+
+@pytest.mark.parametrize("script,argv,said", [
+    ("export.py", ["--ckpt", "x", "--output", "y", "--format", "tflite"],
+     "error: argument --format: invalid choice: 'tflite' (choose from 'paddle', 'onnx') (see export.py --help)"),
+    ("train_cifar10.py", ["--depth", "18", "--bogus"], "error: unrecognized arguments: --bogus (see train_cifar10.py --help)"),
+    ("predict.py", ["photo.jpg"], "error: one of the arguments --ckpt --inference-model --onnx is required "
+                                  "(see predict.py --help)"),
+])
+def test_a_command_line_mistake_is_one_line(script, argv, said):
+    code, text = run(script, *argv)
+    assert code == 2 and text.strip() == said, text
+
+
+@pytest.mark.parametrize("argv", [["train_cifar10.py", "--help"], ["-m", "models.summary", "resnet20", "--input-size",
+                                                                     "32", "--stem", "cifar"]])
+def test_python_OO_strips_no_docstring_we_need(argv):
+    code, text = run("-OO", *argv)
+    assert code == 0 and "Traceback" not in text, text
+
+
+def test_an_image_over_pils_size_limit_is_skipped_and_the_others_predicted(finished_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    import numpy as np
+    from PIL import Image
+    import predict
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, side in (("a.png", 32), ("bomb.png", 64), ("b.png", 32)):
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is over twice it: DecompressionBombError
+    results = predict.main(["--ckpt", str(finished_run), str(folder), "--device", "cpu"])
+    assert [os.path.basename(p) for p, _ in results] == ["a.png", "b.png"]
+    assert f"skipped {folder / 'bomb.png'}: cannot read image (ValueError)" in capsys.readouterr().err

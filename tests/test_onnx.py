@@ -55,6 +55,23 @@ def test_onnx_logits_equal_the_checkpoints(tmp_path, name):
 
 
 @needs_onnx
+def test_an_onnx_model_and_a_meta_json_of_two_exports_are_one_line(tmp_path, capsys):
+    pytest.importorskip("paddle2onnx")
+    folder = make_image_folder(tmp_path / "imgs")
+    ckpt, _ = checkpoint_of(tmp_path, "resnet20", ["cats", "dogs", "owls"], 32)
+    out = tmp_path / "exported"
+    export.main(["--ckpt", ckpt, "--output", str(out), "--format", "onnx"])
+    meta = json.load(open(out / "meta.json"))
+    meta["preprocess"].update(resize=40, crop=40)  # as another export's meta.json would say
+    json.dump(meta, open(out / "meta.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--onnx", str(out / "model.onnx"), folder])
+    assert str(e.value.code) == (f"error: --onnx {out / 'model.onnx'} takes images of shape [3, 32, 32], and its "
+                                 "meta.json prepares them as [3, 40, 40]: they come from two exports; export the "
+                                 "model again with export.py --format onnx")
+
+
+@needs_onnx
 def test_predict_onnx_names_the_same_classes_as_the_checkpoint(tmp_path):
     pytest.importorskip("paddle2onnx")
     folder = make_image_folder(tmp_path / "imgs")
