@@ -135,3 +135,6 @@ def use_threads(n):
 
 
 use_threads(THREADS)
+
+import own_modules  # noqa: E402  (a notebook's own config.py in our config's place is one line)
+own_modules.check()

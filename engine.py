@@ -318,6 +318,7 @@ def train_epochs(training, model, batches, loaded, rank):
             state = checkpoint.run_state(run, model, t.opt, t.sched, t.scaler, cfg, loaded.classes, extra, t.world)
             checkpoint.save_run(out, state, improved)
     epoch_times = []
+    previous_int = signal.getsignal(signal.SIGINT)  # put back after a stop ignored both: a notebook's kernel goes on
     previous = signal.signal(signal.SIGTERM, errors.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
     try:
         for epoch in range(run.epoch, cfg.epochs):
@@ -360,6 +361,7 @@ def train_epochs(training, model, batches, loaded, rank):
                         f"--resume cannot change the batch: start a new run)" if run.epoch else ""))
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, previous_int if previous_int is not None else signal.default_int_handler)
         if t.board is not None:
             t.board.close()
     return len(epoch_times)

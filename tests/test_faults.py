@@ -6,6 +6,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,9 +24,9 @@ def archive(tmp_path_factory):
     return str(make_cifar_archive(tmp_path_factory.mktemp("data") / "c.tar.gz", n_train=200, n_test=40))
 
 
-def run(*args, **kw):
+def run(*args, cwd=ROOT, **kw):
     """A script of ours in a fresh interpreter: (exit code, everything it printed)."""
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    done = subprocess.run([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300, **kw)
     return done.returncode, done.stdout
 
@@ -241,3 +242,33 @@ def test_an_image_over_pils_size_limit_is_skipped_and_the_others_predicted(finis
     results = predict.main(["--ckpt", str(finished_run), str(folder), "--device", "cpu"])
     assert [os.path.basename(p) for p, _ in results] == ["a.png", "b.png"]
     assert f"skipped {folder / 'bomb.png'}: cannot read image (ValueError)" in capsys.readouterr().err
+
+
+
+def test_a_notebooks_own_config_module_is_named_in_one_line(tmp_path):
+    (tmp_path / "config.py").write_text("LEARNING_RATE = 0.1\n")  # the user's own
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import config; sys.path.insert(0, {ROOT!r}); "
+            "import cpu_settings")
+    status, text = run("-c", code, cwd=str(tmp_path))
+    assert status == 1 and one_line_error(text) == (
+        f"error: {tmp_path / 'config.py'} is imported as this project's config ({os.path.join(ROOT, 'config')}): "
+        f"rename yours, or restart the kernel and import cpu_settings first with {ROOT} first on sys.path")
+
+
+def test_ctrl_c_works_again_in_a_kernel_after_an_interrupted_run(archive, tmp_path, monkeypatch):
+    """One Python process as a notebook's kernel: a run stopped by Ctrl-C, then Ctrl-C is
+    Python's again (a KeyboardInterrupt), not ignored."""
+    import engine
+    calls = []
+
+    def interrupted(training, loader, epoch):
+        calls.append(epoch)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit):
+        train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path / "run")])
+    assert calls == [0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises at the next bytecode
