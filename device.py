@@ -148,7 +148,19 @@ def cpu_bf16_units(flags):
     return None
 
 
-def cpu_amp_plan(cfg, flags):
+# oneDNN ISAs below AVX512_CORE, where its bf16 convolutions do not run: a bf16 step under
+# ONEDNN_MAX_CPU_ISA=AVX2 ends in an uncaught dnnl::error and SIGABRT (AVX512_CORE trains)
+NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
+def onednn_isa_limit(environ=None):
+    """(variable, value) of the oneDNN ISA limit the environment sets, or None."""
+    environ = os.environ if environ is None else environ
+    return next(((name, environ[name]) for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if environ.get(name)),
+                None)
+
+
+def cpu_amp_plan(cfg, flags, isa_limit=None):
     """``--amp`` on the CPU: bf16 O1 on our CPU kernels (cpu_kernels/), where the CPU has bf16
     units (Paddle's own CPU kernels have no bf16 training path). Returns the units."""
     if cfg.amp_dtype != "bfloat16":
@@ -158,6 +170,10 @@ def cpu_amp_plan(cfg, flags):
     if units is None:
         raise UserError("--amp --amp-dtype bfloat16 on the CPU needs bf16 units: this CPU's flags have neither "
                         "amx_bf16 nor avx512_bf16; drop --amp")
+    if isa_limit is not None and isa_limit[1].upper() in NO_BF16_ISAS:
+        name, value = isa_limit
+        raise UserError(f"--amp --amp-dtype bfloat16 needs oneDNN's AVX512 code, and {name}={value} keeps it from "
+                        f"it: unset {name} (or set AVX512_CORE or above), or drop --amp")
     if cfg.amp_level != "O1":
         raise UserError("--amp-level O2 is for GPUs; on the CPU bf16 runs as O1 (fp32 weights, bf16 compute): "
                         "drop --amp-level O2")
@@ -167,17 +183,18 @@ def cpu_amp_plan(cfg, flags):
     return units
 
 
-def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=()):
+def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=(), isa_limit=None):
     """The settings a training run will really use on ``device`` (compute capability
-    ``cap`` for a GPU, CPU ``flags``), or UserError for a combination that cannot work.
-    Pure: the facts come in as arguments, so every combination is tested anywhere."""
+    ``cap`` for a GPU, CPU ``flags``, oneDNN's ``isa_limit``: onednn_isa_limit()), or
+    UserError for a combination that cannot work. Pure: the facts come in as arguments,
+    so every combination is tested anywhere."""
     major = int(paddle_version.split(".")[0])  # a develop build says 0.0.0: treat it as new
     if cfg.to_static and major == 2 and cfg.model in FROZEN_SCALE:
         # 2.6's dy2static loses a parameter used after batch_norm ("not found in the scope"); 3.3.1 compiles it
         raise UserError(f"--to-static cannot compile {cfg.model}'s frozen-scale BatchNorm on Paddle 2.6: "
                         "drop --to-static, or use Paddle 3.x")
     if cfg.amp and device != "gpu":
-        units = cpu_amp_plan(cfg, flags)
+        units = cpu_amp_plan(cfg, flags, isa_limit)
         return dict(amp=True, amp_dtype="bfloat16", amp_level="O1", loss_scaling=False, fp32_eval_copy=False,
                     cudnn_deterministic=False, cpu_bf16=units)
     if cfg.amp:

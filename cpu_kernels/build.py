@@ -130,27 +130,42 @@ def shell_safe(path):
 @contextlib.contextmanager
 def build_lock(out):
     """One build of ``out`` at a time (ranks of one launch build once, not over each other).
-    A holder that never lets go (a stopped process) is one line after BUILD_WAIT_S, naming it."""
+    A wait says at once whose lock it waits for; a holder that never lets go (a stopped
+    process) is one line after BUILD_WAIT_S, naming it."""
     path = os.path.join(out, ".lock")
     with open(path, "a+") as lock:
         if fcntl is not None:
-            deadline = time.monotonic() + BUILD_WAIT_S
+            deadline, said = time.monotonic() + BUILD_WAIT_S, False
             while True:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "unknown"
                     if time.monotonic() > deadline:
-                        lock.seek(0)
-                        holder = lock.read().strip() or "unknown"
                         raise Unavailable(f"the build folder {out} is locked by process {holder} for over "
                                           f"{BUILD_WAIT_S} s (a build that hangs, or a stopped process: end it)")
+                    if not said:
+                        print(f"waiting up to {BUILD_WAIT_S} s for the CPU operators' build in {out}: process "
+                              f"{holder} holds its lock{' and is stopped (kill -CONT or end it)' if stopped(holder) else ''}",
+                              file=sys.stderr, flush=True)
+                        said = True
                     time.sleep(0.2)
             lock.seek(0)
             lock.truncate()
             lock.write(str(os.getpid()))
             lock.flush()
         yield
+
+
+def stopped(pid):
+    """Whether process ``pid`` (a string) is stopped (SIGSTOP, Ctrl-Z): its state in /proc is T."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def whole_library(path):

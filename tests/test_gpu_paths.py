@@ -200,6 +200,20 @@ def test_cpu_bf16_is_refused_where_it_cannot_run(values, flags, message):
         devices.training_plan(cfg_of(**values), P3, "cpu", flags=flags)
 
 
+@pytest.mark.parametrize("limit,refused", [("AVX2", True), ("avx2_vnni", True), ("AVX512_CORE", False),
+                                           ("AVX512_CORE_AMX", False)])
+def test_a_onednn_isa_limit_below_avx512_refuses_bf16_in_one_line(limit, refused):
+    isa = devices.onednn_isa_limit({"ONEDNN_MAX_CPU_ISA": limit})
+    cfg = cfg_of(amp=True, amp_dtype="bfloat16")
+    if refused:
+        with pytest.raises(errors.UserError, match=f"ONEDNN_MAX_CPU_ISA={limit} keeps it from it"):
+            devices.training_plan(cfg, P3, "cpu", flags=ZEN4, isa_limit=isa)
+    else:
+        assert devices.training_plan(cfg, P3, "cpu", flags=ZEN4, isa_limit=isa)["cpu_bf16"] == "AVX512-BF16"
+    assert devices.onednn_isa_limit({}) is None
+    assert devices.training_plan(cfg_of(), P3, "cpu", flags=ZEN4, isa_limit=isa)["amp"] is False  # fp32 runs
+
+
 @pytest.mark.parametrize("flags,units", [(AMX, "AMX"), (ZEN4, "AVX512-BF16")])
 def test_cpu_bf16_plan_names_the_units(flags, units):
     plan = devices.training_plan(cfg_of(amp=True, amp_dtype="bfloat16"), P26, "cpu", flags=flags)

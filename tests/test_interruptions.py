@@ -282,11 +282,15 @@ def test_a_cache_path_with_a_space_is_built_through_a_plain_link(tmp_path):
     assert build.shell_safe("/plain/path-1.2") == "/plain/path-1.2"
 
 
-def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, monkeypatch):
+def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, monkeypatch, capsys):
     holder = start([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_kernels.build, time\n"
                     f"with cpu_kernels.build.build_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"])
     wait_for(holder, "held", [])
     os.kill(holder.pid, signal.SIGSTOP)
+    for _ in range(50):  # the signal takes effect when the holder is next scheduled
+        if build.stopped(str(holder.pid)):
+            break
+        time.sleep(0.1)
     monkeypatch.setattr(build, "BUILD_WAIT_S", 1)
     try:
         start_time = time.monotonic()
@@ -294,6 +298,8 @@ def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, mo
             with build.build_lock(str(tmp_path)):
                 pass
         assert time.monotonic() - start_time < 10
+        assert capsys.readouterr().err == (f"waiting up to 1 s for the CPU operators' build in {tmp_path}: process "
+                                           f"{holder.pid} holds its lock and is stopped (kill -CONT or end it)\n")
     finally:
         holder.kill()
         holder.wait()
