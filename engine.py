@@ -105,6 +105,8 @@ class Training:
     board: object = None
     estimate: object = None
     averaging: object = None
+    stops: object = None  # under launch: errors.AgreedStop, checked every ``stop_every`` steps
+    stop_every: int = 1
 
 
 def train_one_epoch(training, loader, epoch):
@@ -141,6 +143,8 @@ def train_one_epoch(training, loader, epoch):
                                           (run.seen - since[1]) / elapsed if elapsed > 0 else float("nan"))
             metrics.write_scalars(t.board, "step", dict(train_loss=loss, train_acc=acc, lr=t.opt.get_lr()),
                                   run.iteration)
+        if t.stops is not None and run.step % t.stop_every == 0:
+            t.stops.check(launch.all_sum, t.world)
         if cfg.max_iters and run.iteration >= cfg.max_iters:
             break
 
@@ -299,7 +303,9 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
     averaging = lookahead.Lookahead(model, cfg.lookahead, total) if cfg.lookahead else None
     if averaging is not None and resume_state is not None and resume_state.get("lookahead") is not None:
         averaging.set_state_dict(resume_state["lookahead"])
-    training = Training(cfg, net, opt, sched, scaler, run, world, board, estimate, averaging)
+    # a GPU step reads nothing back: the ranks agree on a stop when the log reads the loss
+    training = Training(cfg, net, opt, sched, scaler, run, world, board, estimate, averaging,
+                        stop_every=1 if device == "cpu" else cfg.log_every)
     return model, training, batches, kernels
 
 
@@ -320,8 +326,13 @@ def train_epochs(training, model, batches, loaded, rank):
     epoch_times = []
     previous_int = signal.getsignal(signal.SIGINT)  # put back after a stop ignored both: a notebook's kernel goes on
     previous = signal.signal(signal.SIGTERM, errors.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
+    if t.world > 1:
+        t.stops = errors.AgreedStop()
+        t.stops.install()
     try:
         for epoch in range(run.epoch, cfg.epochs):
+            if t.stops is not None:  # a stop noted during the last epoch's validation or save
+                t.stops.check(launch.all_sum, t.world)
             if cfg.max_iters and run.iteration >= cfg.max_iters:
                 break
             t0 = time.time()

@@ -38,6 +38,28 @@ def terminate(signum, frame):
     raise Terminated()
 
 
+class AgreedStop:
+    """Ctrl-C and SIGTERM under the launcher: noted when they come, raised on every rank at
+    the same step once the ranks agree (``check``), so that no rank is left waiting in a
+    collective for one that has gone (gloo then aborts it). The launcher sends SIGTERM to
+    every rank and kills them 30 s later (paddle/distributed/launch/controllers)."""
+
+    def __init__(self):
+        self.stop = None
+
+    def note(self, signum, frame):
+        self.stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.note)
+
+    def check(self, all_sum, world):
+        """Raise the stop on every rank when any rank noted one (``all_sum``: launch.all_sum)."""
+        if all_sum([self.stop is not None], world)[0]:
+            raise self.stop if self.stop is not None else Terminated()
+
+
 def stop_code(stop):
     """The exit status of a run stopped by ``stop``: 143 for SIGTERM, 130 for Ctrl-C, as a shell gives."""
     return 143 if isinstance(stop, Terminated) else 130

@@ -127,10 +127,13 @@ def shell_safe(path):
     return link
 
 
+SAY_WAIT_AFTER_S = 2  # a launch's other ranks wait a moment while rank 0 loads the library: not worth a line
+
+
 @contextlib.contextmanager
 def build_lock(out):
     """One build of ``out`` at a time (ranks of one launch build once, not over each other).
-    A wait says at once whose lock it waits for; a holder that never lets go (a stopped
+    A wait of more than SAY_WAIT_AFTER_S says whose lock it waits for; a holder that never lets go (a stopped
     process) is one line after BUILD_WAIT_S, naming it."""
     path = os.path.join(out, ".lock")
     with open(path, "a+") as lock:
@@ -146,7 +149,7 @@ def build_lock(out):
                     if time.monotonic() > deadline:
                         raise Unavailable(f"the build folder {out} is locked by process {holder} for over "
                                           f"{BUILD_WAIT_S} s (a build that hangs, or a stopped process: end it)")
-                    if not said:
+                    if not said and time.monotonic() > deadline - BUILD_WAIT_S + SAY_WAIT_AFTER_S:
                         print(f"waiting up to {BUILD_WAIT_S} s for the CPU operators' build in {out}: process "
                               f"{holder} holds its lock{' and is stopped (kill -CONT or end it)' if stopped(holder) else ''}",
                               file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -103,3 +104,65 @@ def test_half_set_up_launch_environment_is_an_error(monkeypatch, tmp_path):
                             "--output-dir", str(tmp_path / "o")])
     msg = str(e.value.code)
     assert "half-set-up distributed environment" in msg and "PADDLE_TRAINERS_NUM" in msg
+
+
+def launch_and_stop(args, log_dir, marker, stop):
+    """Launch 2 ranks, wait for ``marker`` in rank 0's log, then ``stop(launcher)``:
+    (launcher's exit code, the two worker logs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+           "train_cifar10.py"] + args
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while marker not in read(log_dir / "workerlog.0"):
+            assert time.time() < deadline and proc.poll() is None, read(log_dir / "workerlog.0")[-3000:]
+            time.sleep(0.2)
+        stop(proc)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, [read(log_dir / f"workerlog.{i}") for i in range(2)]
+
+
+def read(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
+@pytest.mark.parametrize("stop", ["sigterm to the launcher", "ctrl-c to the group"])
+def test_a_stopped_launch_ends_every_rank_quietly_and_resumes_bit_exactly(tmp_path, stop):
+    archive = make_cifar_archive(tmp_path / "c.tar.gz", n_train=440, n_test=40)
+    args = ["--model", "resnet20", "--data-file", archive, "--batch-size", "20", "--val-size", "40",
+            "--num-workers", "0", "--log-every", "1", "--epochs", "2"]
+    how = (lambda p: p.send_signal(signal.SIGTERM)) if stop.startswith("sigterm") else \
+        (lambda p: os.killpg(p.pid, signal.SIGINT))
+    stopped = tmp_path / "stopped"
+    code, logs = launch_and_stop(args + ["--output-dir", str(stopped)], tmp_path / "log1", "epoch 2 step 3/", how)
+    assert code != 0
+    for log in logs:
+        for noise in ("FatalError", "Traceback", "Aborted", "SIGABRT", "Error"):
+            assert noise not in log, log[-3000:]
+    assert (f"checkpoint in {stopped / 'last.pdckpt'} (the last finished epoch's: under the launcher a stop inside "
+            f"an epoch loses that epoch); continue with --resume {stopped}") in logs[0]
+    assert checkpoint.load(str(stopped))["epoch"] == 1
+    launch("train_cifar10.py", ["--resume", str(stopped)], tmp_path / "log2")
+    straight = tmp_path / "straight"
+    launch("train_cifar10.py", args + ["--output-dir", str(straight)], tmp_path / "log3")
+    a, b = checkpoint.load(str(stopped))["model"], checkpoint.load(str(straight))["model"]
+    for k in b:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_a_launch_stopped_before_its_first_checkpoint_starts_again_with_the_same_command(tmp_path):
+    archive = make_cifar_archive(tmp_path / "c.tar.gz", n_train=440, n_test=40)
+    out = tmp_path / "run"
+    args = ["--model", "resnet20", "--data-file", archive, "--batch-size", "20", "--val-size", "40",
+            "--num-workers", "0", "--log-every", "1", "--epochs", "1", "--output-dir", str(out)]
+    code, logs = launch_and_stop(args, tmp_path / "log1", "epoch 1 step 3/", lambda p: p.send_signal(signal.SIGTERM))
+    assert code != 0 and "terminated before the first checkpoint: nothing saved yet; the same command starts the " \
+                          "run again" in logs[0]
+    logs = launch("train_cifar10.py", args, tmp_path / "log2")
+    assert "epoch 1/1 done" in logs[0] and os.path.exists(out / "results.yaml")

@@ -292,6 +292,7 @@ def test_a_build_lock_held_by_a_stopped_process_times_out_naming_it(tmp_path, mo
             break
         time.sleep(0.1)
     monkeypatch.setattr(build, "BUILD_WAIT_S", 1)
+    monkeypatch.setattr(build, "SAY_WAIT_AFTER_S", 0.5)
     try:
         start_time = time.monotonic()
         with pytest.raises(cpu_kernels.Unavailable, match=f"locked by process {holder.pid} for over 1 s"):
