@@ -367,7 +367,7 @@ def train_epochs(training, model, batches, loaded, rank):
         raise UserError(f"{lost}; checkpoint in {where}, continue with --resume {out}" if os.path.exists(where)
                         else f"{lost}; nothing saved yet: the same command starts the run again")
     except MemoryError:
-        raise UserError(f"out of memory training {cfg.model} at --batch-size {cfg.batch_size}: try "
+        raise UserError(f"out of memory training or validating {cfg.model} at --batch-size {cfg.batch_size}: try "
                         f"--batch-size {max(cfg.batch_size // 2, 1)}" + (f" (the last checkpoint, {out}, is kept; "
                         f"--resume cannot change the batch: start a new run)" if run.epoch else ""))
     finally:
@@ -448,10 +448,12 @@ def seed_everything(seed):
 
 
 def eval_loader(cfg, dataset, world=1, rank=0):
-    """This rank's evaluation loader for ``dataset``, or None when it is missing or empty."""
+    """This rank's evaluation loader for ``dataset``, or None when it is missing or empty. It
+    batches as training does: --batch-size is the one setting of a run's memory (the advice
+    after an out-of-memory error names it, whichever phase ran out)."""
     if dataset is None or len(dataset) == 0:
         return None
-    return data.eval_loader(dataset, max(cfg.batch_size, 256), cfg.num_workers, world, rank)
+    return data.eval_loader(dataset, cfg.batch_size, cfg.num_workers, world, rank)
 
 
 def epoch_row(run, epoch, opt, world, train_time):
@@ -474,6 +476,18 @@ def epochs_time(run):
     return sum(h["epoch_time_s"] for h in run.history)
 
 
+def best_model_of(cfg, num_classes, world=1, rank=0):
+    """The run's best checkpoint as a model on every rank: rank 0 reads it, the only rank
+    that writes the run directory (on several machines that need not be shared), and
+    sends its weights to the others."""
+    if rank == 0:
+        _, model = checkpoint.model_from_checkpoint(checkpoint.load(os.path.join(cfg.output_dir, checkpoint.BEST)))
+    else:
+        model = checkpoint.build_model(cfg, num_classes)
+    launch.broadcast_state(model, world)
+    return model
+
+
 def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, evidence=None):
     """Write results.yaml: the last epoch's figures, the test accuracy of the final and of
     the best-on-validation model (reported, never used to choose) and the evidence
@@ -493,8 +507,8 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, eviden
         if best["epoch"]:
             b = final
             if best["epoch"] != last["epoch"]:  # else the best model is the final one
-                _, best_model = checkpoint.model_from_checkpoint(checkpoint.load(os.path.join(out, checkpoint.BEST)))
-                b = evaluate(tta.with_tta(best_model, cfg.tta), loader, num_classes, world)
+                b = evaluate(tta.with_tta(best_model_of(cfg, num_classes, world, rank), cfg.tta), loader, num_classes,
+                             world)
             result["best_test_acc"] = b["top1"]
             log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
     result.update(evidence or {})

@@ -76,16 +76,28 @@ def average_bn_statistics(model, world_size):
     (timm's ``distribute_bn`` with reduce). DataParallel all-reduces gradients only, so
     each rank's running statistics follow its own batches and the replicas drift apart:
     validation summed over the ranks would evaluate a different model on each shard, and
-    not the one rank 0 saves. Called at every epoch end, before validation and the save."""
+    not the one rank 0 saves. Called at every epoch end, before validation and the save.
+    Frozen statistics (fine-tuning's last/head) are the same everywhere and SyncBatchNorm's
+    follow the global batch already: those are left alone."""
     if world_size == 1:
         return
     import paddle.distributed as dist
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase) and not layer._use_global_stats \
+                and not isinstance(layer, paddle.nn.SyncBatchNorm):
             for stat in (layer._mean, layer._variance):
                 total = stat.detach().clone()
                 dist.all_reduce(total)
                 stat.set_value(total / world_size)
+
+
+def broadcast_state(model, world_size):
+    """Every rank's ``model`` takes rank 0's parameters and buffers."""
+    if world_size == 1:
+        return
+    import paddle.distributed as dist
+    for t in model.state_dict().values():
+        dist.broadcast(t, src=0)
 
 
 def replicas_agree(model, world_size):

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import paddle
 import pytest
 
 import checkpoint
@@ -16,10 +17,20 @@ import train_cifar10
 from helpers import make_cifar_archive, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# On a GPU build Paddle's launcher puts its processes on GPUs (launch/context/device.py):
+# these CPU launches are for a CPU build
+pytestmark = pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="a GPU build's launcher places ranks on GPUs")
+
+
+def launch_env():
+    """The environment of a launch: no PADDLE_* of an outer launch, and no
+    CUDA_VISIBLE_DEVICES (conftest's empty one makes the launcher ask for a GPU even on a
+    CPU build)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_") and k != "CUDA_VISIBLE_DEVICES"}
 
 
 def launch(script, args, log_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = launch_env()
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
            script] + args
@@ -109,7 +120,7 @@ def test_half_set_up_launch_environment_is_an_error(monkeypatch, tmp_path):
 def launch_and_stop(args, log_dir, marker, stop):
     """Launch 2 ranks, wait for ``marker`` in rank 0's log, then ``stop(launcher)``:
     (launcher's exit code, the two worker logs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = launch_env()
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
            "train_cifar10.py"] + args
@@ -166,3 +177,42 @@ def test_a_launch_stopped_before_its_first_checkpoint_starts_again_with_the_same
                           "run again" in logs[0]
     logs = launch("train_cifar10.py", args, tmp_path / "log2")
     assert "epoch 1/1 done" in logs[0] and os.path.exists(out / "results.yaml")
+
+
+def test_two_machines_with_their_own_disks_report_the_best_model(tmp_path):
+    """Two launches with --nnodes 2 on the loopback stand for two machines, each with its
+    own --output-dir: only rank 0 writes a run directory, so the best model's test report
+    must not read best.pdckpt on the other machine's disk (T1 of the third GPU reading)."""
+    import socket
+    import yaml
+    archive = make_cifar_archive(tmp_path / "c.tar.gz", n_train=440, n_test=40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = launch_env()
+    env["OMP_NUM_THREADS"] = "1"
+    procs = []
+    for node in range(2):  # seed 3: the best epoch (2) is not the last (3)
+        args = ["--model", "resnet20", "--data-file", archive, "--batch-size", "20", "--val-size", "40", "--lr", "0.5",
+                "--num-workers", "0", "--epochs", "3", "--seed", "3", "--output-dir", str(tmp_path / f"out{node}")]
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"127.0.0.1:{port}", "--nnodes", "2",
+               "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"), "train_cifar10.py"] + args
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        time.sleep(1)  # the first launch serves the master's port before the second asks it
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [read(tmp_path / f"log{node}" / "workerlog.0") for node in range(2)]
+    assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    first = [node for node in range(2) if os.path.exists(tmp_path / f"out{node}" / "results.yaml")]
+    assert len(first) == 1  # rank 0's machine; the other one's directory holds no run
+    out, other = tmp_path / f"out{first[0]}", tmp_path / f"out{1 - first[0]}"
+    assert not os.path.exists(other / "best.pdckpt")
+    results = yaml.safe_load(open(out / "results.yaml"))
+    assert results["best_epoch"] == 2 and results["epochs"] == 3
+    alone = eval_script.main(["--ckpt", str(out / "best.pdckpt"), "--num-workers", "0"])
+    assert alone["top1"] == pytest.approx(results["best_test_acc"], abs=1e-12)

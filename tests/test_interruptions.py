@@ -365,7 +365,7 @@ def test_out_of_memory_is_one_line_with_the_batch_size(archive, tmp_path, monkey
     monkeypatch.setattr(engine, "train_one_epoch", no_memory)
     with pytest.raises(SystemExit) as e:
         train_cifar10.main(TINY + ["--data-file", archive, "--output-dir", str(tmp_path / "o")])
-    assert str(e.value.code) == "error: out of memory training resnet20 at --batch-size 40: try --batch-size 20"
+    assert str(e.value.code) == "error: out of memory training or validating resnet20 at --batch-size 40: try --batch-size 20"
 
 
 def test_bench_without_torch_is_one_line(monkeypatch):
