@@ -38,12 +38,17 @@ def report(facts):
     if facts.get("cpu_kernels"):
         lines.append(f"CPU training kernels: {facts['cpu_kernels']}")
     if "cpu_bf16" in facts:
-        lines.append("CPU bf16 training (--amp --amp-dtype bfloat16): " + (
-            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] and facts.get("cpu_kernels_ok") else
-            "no: it runs on our CPU kernels (cpu_kernels/), which are not available here" if facts["cpu_bf16"] else
-            "no: this CPU has neither amx_bf16 nor avx512_bf16"))
-        lines.append("CPU bf16 inference (eval.py --inference --precision bf16): " + (
-            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] else "no: this CPU has neither amx_bf16 nor avx512_bf16"))
+        on_cpu = " with --device cpu" if facts["gpus"] else ""  # a GPU box trains and evaluates on its GPU
+        limit = facts.get("isa_limit")
+        no_units = "no: this CPU has neither amx_bf16 nor avx512_bf16"
+        lines.append(f"CPU bf16 training (--amp --amp-dtype bfloat16{on_cpu}): " + (
+            no_units if not facts["cpu_bf16"] else
+            f"no: {limit[0]}={limit[1]} keeps oneDNN from its AVX512 code" if limit and limit[1].upper() in
+            devices.NO_BF16_ISAS else
+            f"yes, on {facts['cpu_bf16']}" if facts.get("cpu_kernels_ok") else
+            "no: it runs on our CPU kernels (cpu_kernels/), which are not available here"))
+        lines.append(f"CPU bf16 inference (eval.py --inference --precision bf16{on_cpu}): " + (
+            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] else no_units))
     return lines
 
 
@@ -65,9 +70,14 @@ def main(argv=None):
     parser.add_argument("--require-gpu", action="store_true", help="exit 1 when there is no usable GPU")
     args = parser.parse_args(argv)
     facts = devices.gpu_facts(probe=True)
-    op, why_not = cpu_kernels.load()
-    facts["cpu_kernels"] = "ours (cpu_kernels/)" if op else f"Paddle's ({why_not})"
+    if facts["gpus"]:  # training runs on the GPU: the CPU operators are built by the first --device cpu run
+        facts["cpu_kernels"] = "not built here (training runs on GPU 0; the first run with --device cpu builds them)"
+        op = None
+    else:
+        op, why_not = cpu_kernels.load()
+        facts["cpu_kernels"] = "ours (cpu_kernels/)" if op else f"Paddle's ({why_not})"
     facts["cpu_kernels_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(devices.cpu_flags())
+    facts["isa_limit"] = devices.onednn_isa_limit()
     print("\n".join(report(facts)))
     status, last = verdict(facts, args.require_gpu)
     if status:

@@ -32,10 +32,14 @@ def _cpu_vendor():
 #   WISELY" for any value above 1 (paddle/base/__init__.py, __bootstrap__): it imports
 #   with 1, and the OpenMP runtimes get the count right after (use_threads, below).
 def _threads():
-    """OMP_NUM_THREADS as the user set it (a whole number), else every core we may use."""
+    """OMP_NUM_THREADS as the user set it (a whole number), else every core we may use,
+    shared out between the ranks a launch runs on this machine (PADDLE_LOCAL_SIZE, set by
+    paddle.distributed.launch): two ranks on two cores take one each, not two each."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if not value:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = os.environ.get("PADDLE_LOCAL_SIZE", "")
+        return max(cores // int(local), 1) if local.isdigit() and int(local) > 0 else cores
     if not value.isdigit() or int(value) < 1:
         sys.exit(f"error: OMP_NUM_THREADS={value} is not a number of threads: set it to a whole number such as 2, "
                  "or unset it")

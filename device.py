@@ -76,13 +76,16 @@ def gpu_facts(probe=False):
 
 
 def probe_conv():
-    """None when a 3x3 convolution runs on the current GPU, else the error's first line."""
+    """None when a 3x3 convolution runs on the current GPU and gets it right, else what
+    went wrong: the error's first line, or the wrong sum (a kernel that runs and computes
+    garbage is no better than one that does not run)."""
     try:
         x = paddle.ones([1, 3, 8, 8])
-        paddle.nn.functional.conv2d(x, paddle.ones([4, 3, 3, 3])).sum().item()
-        return None
+        total = paddle.nn.functional.conv2d(x, paddle.ones([4, 3, 3, 3])).sum().item()
     except Exception as e:  # "no kernel image is available for execution on the device"
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    expected = 4 * 6 * 6 * 27  # 4 output maps of 6x6, each value the sum of 3x3x3 ones
+    return None if total == expected else f"a test convolution of ones summed to {total:g}, not {expected}"
 
 
 def capability(facts, device="gpu:0"):

@@ -8,6 +8,7 @@
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
 images/s; saves the confusion matrix as a PNG next to the checkpoint.
 """
+import contextlib
 import json
 import os
 import sys
@@ -93,15 +94,15 @@ def main(argv=None):
                 predictors.export(predictor, tmp, program=args.precision == "bf16")
                 predictor = predictors.InferenceModelPredictor(tmp, args.device, precision=args.precision,
                                                                tensorrt=args.tensorrt)
-            # the predictor takes and returns host arrays: keep the loader's batches on the
-            # CPU, not GPU -> CPU -> GPU for every batch (GPU audit #15)
-            paddle.set_device("cpu")
 
             def predict_logits(images):  # the predictor's numpy logits, as a tensor for evaluate()
                 return paddle.to_tensor(predictor(images.numpy()))
             model = predict_logits
         loader = data.make_loader(dataset, args.batch_size, args.num_workers)
-        r = engine.evaluate(tta.with_tta(model, args.tta), loader, len(class_names))
+        # the predictor takes and returns host arrays: its batches stay on the CPU, not GPU -> CPU
+        # -> GPU for every batch (GPU audit #15), and the process's device comes back after
+        with checkpoint.on_cpu() if args.inference else contextlib.nullcontext():
+            r = engine.evaluate(tta.with_tta(model, args.tta), loader, len(class_names))
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],

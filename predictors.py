@@ -137,6 +137,15 @@ class OnnxPredictor:
 TENSORRT_MAX_BATCH = 256  # TensorRT's static-shape engine refuses larger batches
 
 
+def tensorrt_wanted():
+    """The TensorRT this Paddle build was compiled against, as a user installs it."""
+    from paddle import inference
+    version = tuple(inference.get_trt_compile_version()) if hasattr(inference, "get_trt_compile_version") else ()
+    if not any(version):  # a build without TensorRT says (0, 0, 0)
+        return "a Paddle build with TensorRT (this one has none) and its TensorRT"
+    return f"TensorRT {'.'.join(map(str, version))} (the version this Paddle was built with)"
+
+
 # bf16 inference on the CPU: oneDNN's bf16 passes on a model.pdmodel (the program format),
 # which leave the classifier's logits fp32; on a model.json every op runs bf16, the logits
 # too, and 1.6-2x as many predictions change. Chosen on a validation split, then the
@@ -154,7 +163,8 @@ def check_cpu_bf16(model_file, flags):
 def check_gpu_inference(model_file, use_gpu, precision, tensorrt, paddle_version=paddle.__version__):
     """UserError for a GPU inference option that cannot work (GPU audit #8)."""
     if use_gpu and precision == "bf16":
-        raise UserError("--precision bf16 is oneDNN's bf16 on the CPU; on a GPU use --precision fp16")
+        raise UserError("--precision bf16 is oneDNN's bf16 on the CPU: add --device cpu, or on the GPU use "
+                        "--precision fp16")
     if not use_gpu and (precision == "fp16" or tensorrt):
         raise UserError("fp16 and TensorRT inference need a GPU; drop --precision fp16 / --tensorrt")
     if tensorrt and model_file.endswith(".json"):
@@ -220,7 +230,7 @@ class InferenceModelPredictor:
         except Exception as e:  # e.g. TensorRT asked for but libnvinfer not installed
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"paddle.inference could not load {model_dir} ({first})"
-                            + ("; TensorRT 8 must be installed for --tensorrt" if tensorrt else ""))
+                            + (f"; --tensorrt needs {tensorrt_wanted()} installed" if tensorrt else ""))
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 

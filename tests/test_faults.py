@@ -272,3 +272,9 @@ def test_ctrl_c_works_again_in_a_kernel_after_an_interrupted_run(archive, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler raises at the next bytecode
+
+
+def test_the_ranks_of_a_cpu_launch_share_the_cores():
+    code, text = run("-c", "import cpu_settings; print(cpu_settings.THREADS)",
+                     env={k: v for k, v in dict(os.environ, PADDLE_LOCAL_SIZE="2").items() if k != "OMP_NUM_THREADS"})
+    assert code == 0 and int(text.strip().splitlines()[-1]) == max(len(os.sched_getaffinity(0)) // 2, 1), text

@@ -261,6 +261,12 @@ def test_gpu_problem_with_injected_facts(f, problem):
         assert "Paddle 3.x GPU build for CUDA 12" in found
 
 
+def test_the_device_probe_checks_its_result(monkeypatch):
+    assert devices.probe_conv() is None  # here on the CPU: the convolution is right
+    monkeypatch.setattr(paddle.nn.functional, "conv2d", lambda x, w: paddle.zeros([1, 4, 6, 6]))
+    assert devices.probe_conv() == "a test convolution of ones summed to 0, not 3888"
+
+
 def test_amp_dtypes_by_capability():
     assert devices.amp_dtypes((6, 1)) == [] and devices.amp_dtypes((7, 5)) == ["float16"]
     assert devices.amp_dtypes((9, 0)) == ["float16", "bfloat16"]
@@ -279,6 +285,13 @@ def test_check_env_on_this_machine_and_with_injected_gpus(capsys):
         assert str(e.value.code).startswith("error: no usable GPU")
     lines = check_env.report(facts(P26, gpus=((9, 0), (7, 5))))
     assert "GPU 1: GPU sm_75, compute capability 7.5, 81,559 MB; AMP: float16" in lines
+    # a GPU box's CPU lines say they hold with --device cpu (T7); an ISA limit below AVX512 says no
+    gpu_box = dict(facts(P3, gpus=((9, 0),)), cpu_bf16="AVX512-BF16", cpu_kernels_ok=True)
+    assert "CPU bf16 training (--amp --amp-dtype bfloat16 with --device cpu): yes, on AVX512-BF16" in \
+        check_env.report(gpu_box)
+    limited = dict(gpu_box, gpus=[], isa_limit=("ONEDNN_MAX_CPU_ISA", "AVX2"))
+    assert "CPU bf16 training (--amp --amp-dtype bfloat16): no: ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from its " \
+           "AVX512 code" in check_env.report(limited)
     status, last = check_env.verdict(facts(P26, gpus=((9, 0),)))
     assert status == 1 and last.startswith("error: GPU 0")
     assert check_env.verdict(facts(P3, gpus=((9, 0),), archs=[90]))[0] == 0
@@ -292,7 +305,7 @@ def test_gpu_inference_options():
         predictors.check_gpu_inference("m/model.json", True, "fp16", True, "3.3.1")
     predictors.check_gpu_inference("m/model.pdmodel", True, "fp16", True)
     predictors.check_gpu_inference("m/model.json", True, "fp16", False)
-    with pytest.raises(errors.UserError, match="bf16 is oneDNN's bf16 on the CPU; on a GPU use --precision fp16"):
+    with pytest.raises(errors.UserError, match="bf16 is oneDNN's bf16 on the CPU: add --device cpu, or on the GPU use --precision fp16"):
         predictors.check_gpu_inference("m/model.pdmodel", True, "bf16", False)
     with pytest.raises(errors.UserError, match="needs a CPU with bf16 units"):
         predictors.check_cpu_bf16("m/model.pdmodel", ["avx512f"])
