@@ -390,11 +390,16 @@ def imagenet_train_transform(size):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+class ImageTooLarge(ValueError):
+    """PIL's DecompressionBombError (an image over Image.MAX_IMAGE_PIXELS x 2), which is
+    neither an OSError nor a ValueError, as the ValueError every reader of images catches."""
+
+
 def load_image(path):
     """An 8-bit RGB PIL image from any file PIL reads: grayscale, palette, RGBA and CMYK
     are converted, 16-bit grayscale is scaled (PIL's own convert would clip it to white).
-    Raises OSError/ValueError (PIL's errors) for a file that does not decode, ValueError for
-    one over PIL's size limit too (its DecompressionBombError is neither)."""
+    Raises OSError/ValueError (PIL's errors) for a file that does not decode, ImageTooLarge
+    (a ValueError) for one over PIL's size limit."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
@@ -407,7 +412,7 @@ def load_image(path):
                 img = img.convert("RGBA")  # PIL's advice for palette images with transparency
             return img.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise ValueError(str(e)) from None
+        raise ImageTooLarge(str(e)) from None
 
 
 def is_hidden(name):

@@ -69,7 +69,8 @@ def stop_code(stop):
 def user_errors():
     """Every script's body runs in this: a UserError is one ``error: ...`` line and exit
     status 1, Ctrl-C or SIGTERM one line and 130/143 (the training loop says what it
-    saved before this), a closed stdout (``| head``) a quiet end, no traceback for any."""
+    saved before this), a closed stdout (``| head``) a quiet end; a dead DataLoader worker
+    and a file-size limit are one line too; no traceback for any."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
@@ -80,11 +81,6 @@ def user_errors():
         print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: nothing was saved",
               file=sys.stderr, flush=True)
         sys.exit(stop_code(stop))
-    except OSError as e:
-        if e.errno != errno.EFBIG:
-            raise
-        sys.exit(f"error: a file-size limit (ulimit -f) stops this process writing ({e.strerror}): raise it "
-                 "(ulimit -f unlimited)")
     except SystemError as e:
         lost = lost_worker(e)
         if lost is None:
@@ -93,6 +89,11 @@ def user_errors():
     except BrokenPipeError:  # the reader of our output went away: end quietly, as `cat` would
         quiet_stdout()
         sys.exit(141)
+    except OSError as e:  # after BrokenPipeError, one of them
+        if e.errno != errno.EFBIG:
+            raise
+        sys.exit(f"error: a file-size limit (ulimit -f) stops this process writing ({e.strerror}): raise it "
+                 "(ulimit -f unlimited)")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

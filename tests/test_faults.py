@@ -241,7 +241,7 @@ def test_an_image_over_pils_size_limit_is_skipped_and_the_others_predicted(finis
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is over twice it: DecompressionBombError
     results = predict.main(["--ckpt", str(finished_run), str(folder), "--device", "cpu"])
     assert [os.path.basename(p) for p, _ in results] == ["a.png", "b.png"]
-    assert f"skipped {folder / 'bomb.png'}: cannot read image (ValueError)" in capsys.readouterr().err
+    assert f"skipped {folder / 'bomb.png'}: cannot read image (ImageTooLarge)" in capsys.readouterr().err
 
 
 

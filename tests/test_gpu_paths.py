@@ -452,7 +452,7 @@ def test_export_puts_the_device_back(monkeypatch, tmp_path):
             paddle.set_device(device)  # what select_device does
 
     monkeypatch.setattr(predictors, "CheckpointPredictor", Predictor)
-    monkeypatch.setattr(predictors, "export", lambda p, out: (current.append(paddle.get_device()), out)[1])
+    monkeypatch.setattr(predictors, "export", lambda p, out, shipped_to=None: (current.append(paddle.get_device()), out)[1])
     export.main(["--ckpt", "x.pdckpt", "--output", str(tmp_path / "e")])
     assert current == ["gpu:0", "cpu"]  # exported on the CPU, the GPU put back
 

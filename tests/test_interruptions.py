@@ -167,9 +167,9 @@ def test_sigterm_to_the_process_group_with_workers_saves_the_position(archive, t
 
 
 def test_a_second_sigterm_while_the_interrupt_checkpoint_is_written(archive, tmp_path):
-    slow = "import checkpoint, time; save = checkpoint.save\n" \
-           "def slow(path, state):\n    print('SAVING', flush=True); time.sleep(3); save(path, state)\n" \
-           "checkpoint.save = slow"
+    slow = "import checkpoint, time; save = checkpoint.save_run\n" \
+           "def slow(*a):\n    print('SAVING', flush=True); time.sleep(3); save(*a)\n" \
+           "checkpoint.save_run = slow"
     out = tmp_path / "run"
     proc = start(hooked(slow, "train_cifar10.py", *TINY, "--epochs", "50", "--data-file", archive, "--output-dir", out))
     lines = []
