@@ -31,6 +31,21 @@ def run(*args, cwd=ROOT, **kw):
     return done.returncode, done.stdout
 
 
+def run_until(args, marker, act, timeout=120):
+    """Start ``python args`` in the repository, call ``act(proc)`` when a line of its output
+    holds ``marker``, let it end: (exit code, everything it printed)."""
+    proc = subprocess.Popen([sys.executable, "-u", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            act(proc)
+            break
+    rest = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, "".join(lines) + rest
+
+
 def one_line_error(text):
     """The last line of a refused command's output, after checking it is ours and alone."""
     assert "Traceback" not in text, text
@@ -40,15 +55,9 @@ def one_line_error(text):
 # ------------------------------------------------- a run with no checkpoint yet
 def test_a_run_killed_before_its_first_checkpoint_starts_again(archive, tmp_path):
     out = tmp_path / "run"
-    command = ["-u", "train_cifar10.py", *TINY, "--epochs", "1", "--data-file", archive, "--output-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "epoch 1 step 1/" in line:
-            proc.send_signal(signal.SIGKILL)  # as the OOM killer does
-            break
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    command = ["train_cifar10.py", *TINY, "--epochs", "1", "--data-file", archive, "--output-dir", str(out)]
+    code, _ = run_until(command, "epoch 1 step 1/", lambda proc: proc.kill())  # kill -9, as the OOM killer
+    assert code == -signal.SIGKILL
     assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == ["config.yaml"]
     code, text = run("train_cifar10.py", "--resume", str(out))
     assert code != 0 and one_line_error(text) == (
@@ -88,18 +97,13 @@ def test_a_refused_run_leaves_the_lock_for_a_resume_from_a_terminal(archive, tmp
 def test_a_worker_killed_is_one_line_and_resume_continues(tmp_path, sig, said):
     archive = make_cifar_archive(tmp_path / "c.tar.gz", n_train=440, n_test=40)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-u", "train_cifar10.py", *TINY, "--num-workers", "2", "--epochs", "2",
-                             "--data-file", str(archive), "--output-dir", str(out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 1 step 2/" in line:
-            workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
-            os.kill(int(workers[0]), sig)
-            break
-    text = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == 1, text
+
+    def kill_a_worker(proc):
+        workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        os.kill(int(workers[0]), sig)
+    code, text = run_until(["train_cifar10.py", *TINY, "--num-workers", "2", "--epochs", "2", "--data-file",
+                            str(archive), "--output-dir", str(out)], "epoch 1 step 2/", kill_a_worker)
+    assert code == 1, text
     last = one_line_error(text)
     assert said in last and last.endswith(f"continue with --resume {out}"), text
     code, text = run("train_cifar10.py", "--resume", str(out))
@@ -160,16 +164,9 @@ def test_sigterm_during_export_leaves_the_folder_as_it_was(finished_run, tmp_pat
             "def slow(*a, **k):\n    save(*a, **k); print('SAVED', flush=True); time.sleep(30)\n"
             "paddle.jit.save = slow")
     code = f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_settings, export\n{slow}\nexport.main(sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-u", "-c", code, "--ckpt", str(finished_run), "--output", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "SAVED" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    text = "".join(lines) + proc.communicate(timeout=60)[0]
-    assert proc.returncode == 143 and one_line_error(text) == "terminated: nothing was saved", text
+    status, text = run_until(["-c", code, "--ckpt", str(finished_run), "--output", str(out)], "SAVED",
+                             lambda proc: proc.send_signal(signal.SIGTERM))
+    assert status == 143 and one_line_error(text) == "terminated: nothing was saved", text
     assert os.listdir(out) == []  # no model.json, model.pdiparams or meta.json, no temporary folder
 
 
