@@ -323,6 +323,13 @@ def train_epochs(training, model, batches, loaded, rank):
                 extra["lookahead"] = t.averaging.state_dict()
             state = checkpoint.run_state(run, model, t.opt, t.sched, t.scaler, cfg, loaded.classes, extra, t.world)
             checkpoint.save_run(out, state, improved)
+
+    def save_position():  # the position inside the epoch, after a stop
+        ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not break the save
+        # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
+        if run.step > 0 and t.world == 1 and np.isfinite(as_number(run.loss_sum)):
+            save()
+
     epoch_times = []
     previous_int = signal.getsignal(signal.SIGINT)  # put back after a stop ignored both: a notebook's kernel goes on
     previous = signal.signal(signal.SIGTERM, errors.terminate)  # schedulers, timeout, docker stop: like Ctrl-C
@@ -351,18 +358,13 @@ def train_epochs(training, model, batches, loaded, rank):
             epoch_times.append(row["epoch_time_s"])
             progress.log_epoch(cfg, row, epochs_left(cfg, run, batches.per_epoch), np.mean(epoch_times))
     except KeyboardInterrupt as stop:
-        ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not break the save below
-        # under launch the ranks' partial sums are not reduced; a diverged epoch is not saved
-        if run.step > 0 and t.world == 1 and np.isfinite(as_number(run.loss_sum)):
-            save()
+        save_position()
         exit_stopped(stop, out, t.world)
     except SystemError as e:  # a DataLoader worker died (killed by the OOM killer, or by a signal of its own)
         lost = errors.lost_worker(e)
         if lost is None:
             raise
-        ignore_stop_signals()
-        if run.step > 0 and t.world == 1 and np.isfinite(as_number(run.loss_sum)):
-            save()
+        save_position()
         where = os.path.join(out, checkpoint.LAST)
         raise UserError(f"{lost}; checkpoint in {where}, continue with --resume {out}" if os.path.exists(where)
                         else f"{lost}; nothing saved yet: the same command starts the run again")
