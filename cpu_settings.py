@@ -63,8 +63,25 @@ def _check_address_space():
                  "addresses to load and train: raise it (ulimit -v unlimited)")
 
 
+# - python -OO strips docstrings, and Paddle 2.x builds some of its own from them at import
+#   (paddle/tensor/layer_function_generator.py, templatedoc): a TypeError traceback there.
+def _check_docstrings():
+    if sys.flags.optimize < 2:
+        return
+    from importlib import metadata
+    for name in ("paddlepaddle", "paddlepaddle-gpu"):
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if version.startswith("2."):
+            sys.exit(f"error: Paddle {version} cannot be imported under python -OO (it builds its docstrings "
+                     "at import): run without -OO, or use Paddle 3.x")
+
+
 if "paddle" not in sys.modules:
     _check_address_space()
+    _check_docstrings()
 THREADS = _threads()
 if "paddle" not in sys.modules:
     os.environ["OMP_NUM_THREADS"] = "1"
