@@ -269,13 +269,18 @@ def test_ctrl_c_works_again_in_a_kernel_after_an_interrupted_run(archive, tmp_pa
         calls.append(epoch)
         raise KeyboardInterrupt
     monkeypatch.setattr(engine, "train_one_epoch", interrupted)
-    with pytest.raises(SystemExit):
-        train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path / "run")])
-    assert calls == [0]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # the handler raises at the next bytecode
+    # a kernel's Ctrl-C, also where the tests run in a background job (whose SIGINT is ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit):
+            train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(tmp_path / "run")])
+        assert calls == [0]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises at the next bytecode
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_the_ranks_of_a_cpu_launch_share_the_cores():
