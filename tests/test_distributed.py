@@ -14,7 +14,7 @@ import checkpoint
 import eval as eval_script
 import finetune
 import train_cifar10
-from helpers import make_cifar_archive, make_image_folder
+from helpers import kernel_independent, make_cifar_archive, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # On a GPU build Paddle's launcher puts its processes on GPUs (launch/context/device.py):
@@ -149,13 +149,7 @@ def quiet(logs):
             assert noise not in log, log[-3000:]
 
 
-# kernel-independent, and the slowest tests here: CI's suite without the oneDNN headers leaves
-# them to its two other suites
-ONCE = pytest.mark.skipif(os.environ.get("CPU_KERNELS_EXPECTED") == "absent",
-                          reason="kernel-independent: run by CI's suites with the operators")
-
-
-@ONCE
+@kernel_independent  # and the slowest here
 def test_a_stopped_launch_ends_every_rank_quietly_and_resumes_bit_exactly(tmp_path):
     """Ctrl-C to the launch's process group before the first checkpoint, then the same
     command (the uninterrupted run); SIGTERM to the launcher inside epoch 2 of another run,
@@ -184,7 +178,7 @@ def test_a_stopped_launch_ends_every_rank_quietly_and_resumes_bit_exactly(tmp_pa
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
 
 
-@ONCE
+@kernel_independent
 def test_two_machines_with_their_own_disks_report_the_best_model(tmp_path):
     """Two launches with --nnodes 2 on the loopback stand for two machines, each with its
     own --output-dir: only rank 0 writes a run directory, so the best model's test report

@@ -13,14 +13,10 @@ import pytest
 import export
 import files
 import train_cifar10
-from helpers import make_cifar_archive
+from helpers import kernel_independent, make_cifar_archive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Nothing here depends on which CPU kernels train: CI's suite without the oneDNN headers
-# (CPU_KERNELS_EXPECTED=absent) leaves them to its two other suites, to keep CI short
-ONCE = pytest.mark.skipif(os.environ.get("CPU_KERNELS_EXPECTED") == "absent",
-                          reason="kernel-independent: run by CI's suites with the operators")
-pytestmark = ONCE
+pytestmark = kernel_independent
 TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
 
 
