@@ -177,10 +177,9 @@ def test_translate_flip_moves_two_pixels_at_most_and_alternates_each_images_flip
     np.testing.assert_array_equal(flip1, ~flip0)
     np.testing.assert_array_equal(flip2, flip0)
     assert 0.3 < flip0.mean() < 0.7
-    idx = paddle.to_tensor(np.arange(4, dtype=np.int64))
+    idx = np.arange(4)
     dy, dx = np.full(4, 2), np.array([0, 4, 2, 2])  # centred; moved left and right by 2
-    x, _ = loader.batch(idx, *(paddle.to_tensor(v.astype(np.int64)) for v in (dy, dx)),
-                        paddle.to_tensor(np.zeros(4, np.uint8)))
+    x, _ = loader.batch(idx, dy, dx, np.zeros(4, np.uint8))  # on the CPU: NumPy arrays (host_batch)
     plain = np.stack([np.asarray(split.base[i][0], np.float32).transpose(2, 0, 1) for i in split.indices[:4]])
     mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) * 255 for v in data.statistics("cifar10"))
     got = x.numpy() * std + mean

@@ -48,6 +48,19 @@ def test_device_loader_shapes_labels_and_augmentation(archive):
     assert not np.array_equal(other[0], dy)  # a new epoch draws new crops
 
 
+@pytest.mark.parametrize("augment", ["translate_flip", "crop_flip", "flip", "none"])
+def test_the_cpus_numpy_batches_equal_the_device_tensor_batches(archive, augment):
+    """On the CPU the device loader makes its batches in NumPy (host_batch); on a GPU with
+    tensor ops (batch). Both give the same numbers, bit for bit."""
+    cfg = config.make_config(dict(data_file=archive, val_size=20, seed=3))
+    split = data.load(cfg).splits["train"]
+    host, tensors = (data.DeviceCifarLoader(split, augment, 3, on_host=h) for h in (True, False))
+    batches = data.epoch_batches(split, batch_size=32, seed=3, epoch=1)
+    for (x, y), (x_t, y_t) in zip(host.epoch(1, batches), tensors.epoch(1, batches)):
+        np.testing.assert_array_equal(x.numpy(), x_t.numpy())
+        np.testing.assert_array_equal(y.numpy(), y_t.numpy())
+
+
 def test_training_with_device_loader_resumes_exactly(archive, tmp_path, monkeypatch):
     args = ["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "32",
             "--epochs", "2", "--loader", "device", "--num-workers", "0"]
