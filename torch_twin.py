@@ -13,7 +13,10 @@ import torch.nn.functional as TF
 
 # the networks written here: the ImageNet-family ResNets, the paper's CIFAR ones, the fast ones
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "fast_resnet", "fast_plain")
+          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "fast_resnet", "fast_plain",
+          "fast_resnet_small")
+# the fast networks: (shortcut, widths), as models/fast_resnet.py's factories
+FAST = dict(fast_resnet=(True, (64, 256, 256)), fast_plain=(False, (64, 256, 256)), fast_resnet_small=(True, (64, 128, 128)))
 
 
 class Block(tnn.Module):
@@ -104,7 +107,7 @@ class FastNet(tnn.Module):
     """models/fast_resnet.py's FastResNet: the whitening conv (frozen), three groups, the
     max over the last map, a linear head without bias, x 1/9."""
 
-    def __init__(self, num_classes, shortcut, widths=(64, 256, 256)):
+    def __init__(self, num_classes, shortcut, widths):
         super().__init__()
         self.conv1, self.bn1 = tnn.Conv2d(3, 24, 2, bias=False), frozen_scale_norm(24)
         self.conv1.weight.requires_grad = False
@@ -122,8 +125,8 @@ def build(name, stem, num_classes):
     from models.resnet import IMAGENET_LAYERS
     if name not in MODELS:
         raise ValueError(f"no PyTorch twin of {name}; there is one of {', '.join(MODELS)}")
-    if name.startswith("fast_"):
-        return FastNet(num_classes, shortcut=name == "fast_resnet")
+    if name in FAST:
+        return FastNet(num_classes, *FAST[name])
     depth = int(name[len("resnet"):])
     if depth in IMAGENET_LAYERS:
         block, layers = IMAGENET_LAYERS[depth]

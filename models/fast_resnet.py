@@ -158,3 +158,9 @@ def fast_resnet(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs
 def fast_plain(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
     """fast_resnet without its shortcuts: airbench94's plain network."""
     return _fast("fast_plain", num_classes, stem, zero_init_residual, shortcut=False, **kwargs)
+
+
+def fast_resnet_small(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
+    """fast_resnet with 128 channels in its last two groups, as airbench93's network: 46%
+    of the multiply-adds, about 2x the speed on a CPU; the README's first run."""
+    return _fast("fast_resnet_small", num_classes, stem, zero_init_residual, widths=(64, 128, 128), **kwargs)

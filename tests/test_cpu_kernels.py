@@ -160,7 +160,9 @@ NETS = dict(resnet20=(models.resnet20, 32), resnet18_cifar=(lambda: models.resne
             resnet18=(models.resnet18, 224), resnet50=(models.resnet50, 224))
 NORM_JOIN = {name: norm_and_join_shapes(make(), size) for name, (make, size) in NETS.items()}
 NORM_SHAPES = sorted(set(sum((v[0] for v in NORM_JOIN.values()), [])))
-FAST_NORM_SHAPES = norm_and_join_shapes(models.fast_resnet(), 32)[0]  # its joins are identities: JOIN_SHAPES has them
+# the fast networks' joins are identities: JOIN_SHAPES has them
+FAST_NORM_SHAPES = sorted(set(sum((norm_and_join_shapes(make(), 32)[0] for make in (models.fast_resnet,
+                                                                                      models.fast_resnet_small)), [])))
 JOIN_SHAPES = sorted(set(sum((v[1] for v in NORM_JOIN.values()), [])))
 
 
@@ -405,7 +407,7 @@ NETWORKS = [("resnet20", "cifar", 32), ("resnet56", "cifar", 32), ("resnet110", 
             ("plain20", "cifar", 32), ("plain56", "cifar", 32),
             ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64), ("resnet34", "cifar", 32),
             ("resnet34", "imagenet", 64), ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64),
-            ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32)]
+            ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32), ("fast_resnet_small", "cifar", 32)]
 
 
 def network(name, stem, weights=lambda a: a):
@@ -718,10 +720,11 @@ def test_bf16_frozen_batch_norm_runs_paddles_kernel_in_fp32():
 
 
 # (NHWC shape, (kernel, stride, padding)): the ImageNet stem's 3x3/2 (224, 32 and odd
-# sizes), the fast network's 2x2/2 (31 -> 15 drops the last row and column) and its 3x3/3
+# sizes), the fast networks' 2x2/2 (31 -> 15 drops the last row and column) and their 3x3/3
 POOLS = [((2, 112, 112, 64), (3, 2, 1)), ((2, 16, 16, 64), (3, 2, 1)), ((2, 9, 9, 8), (3, 2, 1)),
          ((1, 7, 10, 3), (3, 2, 1)), ((2, 31, 31, 64), (2, 2, 0)), ((2, 15, 15, 256), (2, 2, 0)),
-         ((2, 7, 7, 256), (2, 2, 0)), ((2, 3, 3, 256), (3, 3, 0))]
+         ((2, 7, 7, 256), (2, 2, 0)), ((2, 3, 3, 256), (3, 3, 0)),
+         ((2, 15, 15, 128), (2, 2, 0)), ((2, 7, 7, 128), (2, 2, 0)), ((2, 3, 3, 128), (3, 3, 0))]
 
 
 @needs_op

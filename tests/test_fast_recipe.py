@@ -50,6 +50,21 @@ def test_the_network_has_airbench94s_shape_and_counts():
         models.fast_resnet(zero_init_residual=True)
 
 
+def test_the_small_network_has_128_channels_in_its_last_two_groups():
+    model = models.fast_resnet_small()
+    # 3x3 convs 24x64, 64x64, 64x128, 128x128 x 3; fc 128x10; BN channels 24 + 64 x 2 + 128 x 4 = 664
+    trainable = 9 * (24 * 64 + 64 * 64 + 64 * 128 + 3 * 128 * 128) + 1280 + 664
+    assert count(model, trainable=True) == trainable == 568_728
+    assert model(paddle.rand([2, 3, 32, 32])).shape == [2, 10]
+    assert sum(isinstance(m, models.ResidualJoin) for m in model.sublayers()) == 3
+    assert "fast_resnet_small" in models.CIFAR_ONLY and "fast_resnet_small" in models.registry.FROZEN_SCALE
+    from models.summary import summary
+    macs = summary(model, 32, print_fn=None)["macs"]
+    assert macs == 24 * 12 * 31 * 31 + 9 * (64 * 24 * 31 * 31 + 64 * 64 * 15 * 15 + 128 * 64 * 15 * 15
+                                            + 128 * 128 * (7 * 7 * 2 + 3 * 3)) + 1280
+    assert round(macs / summary(models.fast_resnet(), 32, print_fn=None)["macs"], 2) == 0.46
+
+
 def test_its_flops_are_airbench94s():
     from models.summary import summary
     # airbench94's 236 MFLOP forward (FAST-CIFAR.md): 2 x the multiply-adds of the convs and the classifier
