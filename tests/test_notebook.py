@@ -24,7 +24,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "Trainable params" in text and "epoch 3/3 done" in text and "same top-1 as the checkpoint: True" in text
+    assert "Trainable params" in text and "epoch 4/4 done" in text and "same top-1 as the checkpoint: True" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # curves, confusion matrix, predictions
     (run,) = os.listdir(tmp_path / "runs")
     assert os.path.exists(tmp_path / "runs" / run / "best.pdckpt")
