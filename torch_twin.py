@@ -11,12 +11,11 @@ for the CIFAR nets, B projections for the others), pool and classifier.
 import torch.nn as tnn
 import torch.nn.functional as TF
 
-# the networks written here: the ImageNet-family ResNets, the paper's CIFAR ones, the fast ones
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "fast_resnet", "fast_plain",
-          "fast_resnet_small")
 # the fast networks: (shortcut, widths), as models/fast_resnet.py's factories
 FAST = dict(fast_resnet=(True, (64, 256, 256)), fast_plain=(False, (64, 256, 256)), fast_resnet_small=(True, (64, 128, 128)))
+# the networks written here: the ImageNet-family ResNets, the paper's CIFAR ones, the fast ones
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110") + tuple(FAST)
 
 
 class Block(tnn.Module):
