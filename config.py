@@ -30,12 +30,16 @@ class TrainConfig:
     batch_size: int = 128            # per device: the global batch is batch_size x devices
     scale_lr: bool = False           # multi-device: lr x devices (linear scaling rule)
     sync_bn: bool = False            # multi-GPU: BatchNorm statistics over the global batch
-    optimizer: str = "sgd"           # sgd (momentum) | adam
+    optimizer: str = "sgd"           # sgd (momentum) | adam | muon (muon.py: Muon on the conv filters, at
+    #                                  muon_lr and muon_momentum; sgd on the rest)
     lr: float = 0.1                  # the learning rate (the peak, with warm-up)
     momentum: float = 0.9            # sgd: momentum
     nesterov: bool = False           # sgd: Nesterov momentum
-    weight_decay: float = 5e-4       # L2, on every parameter
-    schedule: str = "cosine"         # cosine | step | constant | onecycle, stepped every iteration
+    weight_decay: float = 5e-4       # L2, on every parameter (muon: on all but the filters)
+    muon_lr: float = 0.24            # muon: the filters' learning rate, under the same schedule as lr
+    muon_momentum: float = 0.6       # muon: the filters' momentum (Nesterov)
+    schedule: str = "cosine"         # cosine | step | constant | onecycle | linear (from lr down to 0), stepped
+    #                                  every iteration
     milestones: typing.List[int] = dataclasses.field(default_factory=list)  # step: iterations
     gamma: float = 0.1               # step: LR factor at each milestone
     warmup_iters: int = 0            # linear warm-up from 0 to lr over this many iterations
@@ -96,7 +100,8 @@ class FinetuneConfig(TrainConfig):
 
 CHOICES = dict(
     dataset=("cifar10", "cifar100", "folder"), strategy=("full", "last", "head"), loader=("dataloader", "device"),
-    stem=("auto", "cifar", "imagenet"), optimizer=("sgd", "adam"), schedule=("cosine", "step", "constant", "onecycle"),
+    stem=("auto", "cifar", "imagenet"), optimizer=("sgd", "adam", "muon"),
+    schedule=("cosine", "step", "constant", "onecycle", "linear"),
     augment=("crop_flip", "flip", "flip_color", "none", "translate_flip"), tta=("none", "flip", "flip_translate"),
     normalize=("dataset", "cifar10", "cifar100", "imagenet"), device=("auto", "cpu", "gpu"),
     amp_dtype=("float16", "bfloat16"), amp_level=("O1", "O2"), cpu_kernels=("ours", "paddle"))
@@ -109,6 +114,8 @@ LIMITS = dict(
     batch_size=(lambda v: v >= 1, "at least 1"),
     lr=(lambda v: v > 0, "above 0"),
     momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    muon_lr=(lambda v: v > 0, "above 0"),
+    muon_momentum=(lambda v: 0 <= v < 1, "in [0, 1)"),
     weight_decay=(lambda v: 0 <= v < 1, "in [0, 1)"),
     gamma=(lambda v: 0 < v <= 1, "in (0, 1]"),
     warmup_iters=(lambda v: v >= 0, "0 or more"),
@@ -132,8 +139,8 @@ LIMITS = dict(
 # AMP) would make the checkpoint's state mean something else: refused.
 RESUME_FREE = ("num_workers", "log_every", "device", "data_file", "data_dir", "output_dir", "deterministic",
                "to_static", "visualdl", "cpu_kernels", "tta")
-RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "schedule", "milestones", "gamma", "warmup_iters", "lr_start",
-                   "lr_peak_at", "lr_end")
+RESUME_SCHEDULE = ("epochs", "max_iters", "lr", "muon_lr", "schedule", "milestones", "gamma", "warmup_iters",
+                   "lr_start", "lr_peak_at", "lr_end")
 
 
 # Keys renamed since: (the new key, {old value: new value}). Old recipes, command lines and
@@ -200,6 +207,8 @@ def check_limits(cfg):
     m = cfg.milestones
     if any(v < 0 for v in m) or any(b < a for a, b in zip(m, m[1:])):
         raise UserError(f"config key 'milestones' must be iteration numbers in increasing order, got {m}")
+    if cfg.optimizer == "muon" and cfg.amp and cfg.amp_level == "O2":
+        raise UserError("optimizer muon keeps float32 weights (muon.py): use --amp-level O1 with it")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

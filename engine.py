@@ -27,6 +27,7 @@ import files
 import launch
 import lookahead
 import metrics
+import muon
 import progress
 import train_net
 import tta
@@ -56,6 +57,8 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
         sched = paddle.optimizer.lr.OneCycleLR(cfg.lr, total, divide_factor=1 / cfg.lr_start,
                                                end_learning_rate=cfg.lr * cfg.lr_end, phase_pct=cfg.lr_peak_at,
                                                anneal_strategy="linear")
+    elif cfg.schedule == "linear":  # airbench94_muon's: straight down to 0, no warm-up
+        sched = paddle.optimizer.lr.LambdaDecay(cfg.lr, lr_lambda=lambda it: max(1 - it / total, 0.0))
     elif cfg.schedule == "cosine":
         sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=max(total - cfg.warmup_iters, 1))
     elif cfg.schedule == "step":
@@ -65,9 +68,10 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
         sched = paddle.optimizer.lr.LambdaDecay(cfg.lr, lr_lambda=lambda it: 1.0)
     if cfg.warmup_iters:
         sched = paddle.optimizer.lr.LinearWarmup(sched, cfg.warmup_iters, 0.0, cfg.lr)
-    if cfg.optimizer == "sgd":
-        opt = paddle.optimizer.Momentum(learning_rate=sched, momentum=cfg.momentum, parameters=parameters,
-                                        use_nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("sgd", "muon"):  # muon: the groups marked orthogonalize (parameter_groups) take Muon's step
+        optimizer = muon.Muon if cfg.optimizer == "muon" else paddle.optimizer.Momentum
+        opt = optimizer(learning_rate=sched, momentum=cfg.momentum, parameters=parameters, use_nesterov=cfg.nesterov,
+                        weight_decay=cfg.weight_decay)
     else:
         opt = paddle.optimizer.Adam(learning_rate=sched, parameters=parameters, weight_decay=cfg.weight_decay)
     return opt, sched
@@ -76,13 +80,18 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
 def parameter_groups(model, parameters, cfg):
     """``parameters`` as the optimizer takes them: with --norm-shift-lr, the BatchNorm
     shifts in a group of their own at lr x norm_shift_lr and weight decay / norm_shift_lr
-    (airbench's bias_scaler: a larger step, the same decay per step)."""
-    if cfg.norm_shift_lr == 1:
+    (airbench's bias_scaler: a larger step, the same decay per step); with --optimizer
+    muon, the convolution filters (4-D) in a group of their own that takes Muon's step
+    at muon_lr and muon_momentum, without weight decay (muon.py)."""
+    if cfg.norm_shift_lr == 1 and cfg.optimizer != "muon":
         return parameters
     shifts = {id(layer.bias) for layer in model.sublayers() if isinstance(layer, paddle.nn.layer.norm._BatchNormBase)}
-    groups = [dict(params=[p for p in parameters if id(p) not in shifts]),
+    filters = {id(p) for p in parameters if len(p.shape) == 4} if cfg.optimizer == "muon" else set()
+    groups = [dict(params=[p for p in parameters if id(p) not in shifts | filters]),
               dict(params=[p for p in parameters if id(p) in shifts], learning_rate=cfg.norm_shift_lr,
-                   weight_decay=cfg.weight_decay / cfg.norm_shift_lr)]
+                   weight_decay=cfg.weight_decay / cfg.norm_shift_lr),
+              dict(params=[p for p in parameters if id(p) in filters], learning_rate=cfg.muon_lr / cfg.lr,
+                   momentum=cfg.muon_momentum, use_nesterov=True, weight_decay=0.0, orthogonalize=True)]
     return [group for group in groups if group["params"]]
 
 
