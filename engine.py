@@ -68,6 +68,8 @@ def build_optimizer(cfg, parameters, iters_per_epoch, lr_scale=1):
         sched = paddle.optimizer.lr.LambdaDecay(cfg.lr, lr_lambda=lambda it: 1.0)
     if cfg.warmup_iters:
         sched = paddle.optimizer.lr.LinearWarmup(sched, cfg.warmup_iters, 0.0, cfg.lr)
+    if cfg.optimizer == "muon" and not any(isinstance(g, dict) and g.get("orthogonalize") for g in parameters):
+        raise ValueError("optimizer muon takes parameter_groups' groups: without them no filter would take its step")
     if cfg.optimizer in ("sgd", "muon"):  # muon: the groups marked orthogonalize (parameter_groups) take Muon's step
         optimizer = muon.Muon if cfg.optimizer == "muon" else paddle.optimizer.Momentum
         opt = optimizer(learning_rate=sched, momentum=cfg.momentum, parameters=parameters, use_nesterov=cfg.nesterov,

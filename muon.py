@@ -16,7 +16,7 @@ bf16 on the GPU; here it runs in float32 (on 2 CPU cores it costs about 1% of a 
 
 The velocity is Momentum's own accumulator, so the state dict, checkpoints and an exact
 resume are Momentum's too. Weights stay float32 (AMP O1, or our CPU kernels' bf16):
-AMP O2's low-precision weights are refused (engine.build_optimizer).
+AMP O2's low-precision weights are refused (config.check_limits).
 
     opt = Muon(learning_rate=sched, momentum=0.85, use_nesterov=True, parameters=[
         dict(params=filters, learning_rate=0.24 / lr, momentum=0.6, weight_decay=0.0, orthogonalize=True),

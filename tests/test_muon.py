@@ -90,6 +90,8 @@ def test_the_filters_take_muon_and_the_shifts_and_the_head_sgd():
     assert shifts["weight_decay"] == pytest.approx(2.42e-3 / 64)
     assert len(filters["params"]) == 6 and all(len(p.shape) == 4 for p in filters["params"])  # not the whitening
     assert filters["orthogonalize"] and filters["weight_decay"] == 0.0 and filters["momentum"] == 0.6
+    with pytest.raises(ValueError, match="parameter_groups"):  # a plain list would give every filter SGD's step
+        engine.build_optimizer(cfg, trainable, 10)
     opt, sched = engine.build_optimizer(cfg, [head, shifts, filters], 10)  # 80 iterations
     assert isinstance(opt, muon.Muon)
     lrs = []
