@@ -1,6 +1,6 @@
 """Muon on the convolution filters, Nesterov SGD on the rest: airbench94_muon's optimizer
-(Jordan et al. 2024, "Muon: an optimizer for hidden layers"; KellerJordan/cifar10-airbench,
-airbench94_muon.py), as a Paddle optimizer.
+(Keller Jordan's Muon, as KellerJordan/cifar10-airbench's airbench94_muon.py runs it), as
+a Paddle optimizer.
 
 A parameter group marked ``orthogonalize=True`` takes Muon's step; every other group is
 paddle.optimizer.Momentum's, unchanged. Muon's step for a filter W [out, in, k, k] with
@@ -12,7 +12,8 @@ gradient g, momentum mu and learning rate lr:
 
 ``orthogonalize`` is airbench's 3-step quintic Newton-Schulz iteration: it maps the update
 to a matrix with the same singular vectors and singular values near 1. airbench runs it in
-bf16 on the GPU; here it runs in float32 (on 2 CPU cores it costs about 1% of a step).
+bf16 on the GPU; here it runs in float32: the step of fast_plain's filters takes 72-90 ms
+on 2 AMD cores (Momentum's 2 ms), about 2% of a training step at batch 2000.
 
 The velocity is Momentum's own accumulator, so the state dict, checkpoints and an exact
 resume are Momentum's too. Weights stay float32 (AMP O1, or our CPU kernels' bf16):
