@@ -89,7 +89,8 @@ def parameter_groups(model, parameters, cfg):
         return parameters
     shifts = {id(layer.bias) for layer in model.sublayers() if isinstance(layer, paddle.nn.layer.norm._BatchNormBase)}
     filters = {id(p) for p in parameters if len(p.shape) == 4} if cfg.optimizer == "muon" else set()
-    groups = [dict(params=[p for p in parameters if id(p) not in shifts | filters]),
+    own_group = shifts | filters
+    groups = [dict(params=[p for p in parameters if id(p) not in own_group]),
               dict(params=[p for p in parameters if id(p) in shifts], learning_rate=cfg.norm_shift_lr,
                    weight_decay=cfg.weight_decay / cfg.norm_shift_lr),
               dict(params=[p for p in parameters if id(p) in filters], learning_rate=cfg.muon_lr / cfg.lr,
