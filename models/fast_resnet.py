@@ -48,11 +48,17 @@ def init_like_pytorch(layer):
     nn.initializer.Uniform(-bound, bound)(weight)
 
 
+def conv3x3_uniform(in_channels, out_channels):
+    """A 3x3 conv (padding 1, no bias) with PyTorch's default weights."""
+    conv = Conv2D(in_channels, out_channels, 3, padding=1, bias_attr=False)
+    init_like_pytorch(conv)
+    return conv
+
+
 def conv3x3_dirac(in_channels, out_channels):
     """A 3x3 conv (padding 1, no bias) whose first in_channels filters pass their input
     through unchanged (an identity "dirac" kernel), the others PyTorch's default."""
-    conv = Conv2D(in_channels, out_channels, 3, padding=1, bias_attr=False)
-    init_like_pytorch(conv)
+    conv = conv3x3_uniform(in_channels, out_channels)
     w = conv.weight.numpy()
     n = min(in_channels, out_channels)
     w[:n] = 0
@@ -64,21 +70,32 @@ def conv3x3_dirac(in_channels, out_channels):
 class ConvGroup(nn.Layer):
     """conv3x3 -> max pool 2x2 -> BN + GELU -> conv3x3 -> BN + GELU, and with ``shortcut``
     the pooled activations added to the end (a residual block around the second conv).
+    ``branch_convs=2`` puts one more conv3x3 -> BN + GELU (``conv3``, ``bn3``) inside the
+    shortcut; ``dirac_branch=False`` starts the conv after the pool from PyTorch's default
+    instead of the identity (the shortcut already carries the identity).
     x: [N, in_channels, H, W] -> [N, channels, H // 2, W // 2]"""
 
-    def __init__(self, in_channels, channels, shortcut=True):
+    def __init__(self, in_channels, channels, shortcut=True, branch_convs=1, dirac_branch=True):
         super().__init__()
+        if branch_convs not in (1, 2):
+            raise ValueError(f"branch_convs must be 1 or 2, got {branch_convs!r}")
         self.conv1 = conv3x3_dirac(in_channels, channels)
         self.pool = MaxPool2D(2)
         self.bn1 = frozen_scale_norm(channels)
-        self.conv2 = conv3x3_dirac(channels, channels)
+        self.conv2 = conv3x3_dirac(channels, channels) if dirac_branch else conv3x3_uniform(channels, channels)
         self.bn2 = frozen_scale_norm(channels)
+        if branch_convs == 2:
+            self.conv3 = conv3x3_dirac(channels, channels)
+            self.bn3 = frozen_scale_norm(channels)
+        self.branch_convs = branch_convs
         # the sum alone: the branch ends in its own GELU (Page's ResNet-9 ends its blocks so)
         self.join = ResidualJoin(act=None) if shortcut else None
 
     def forward(self, x):
         x, identity = block_inputs(self.bn1(self.pool(self.conv1(x))))
         out = self.bn2(self.conv2(x))
+        if self.branch_convs == 2:
+            out = self.bn3(self.conv3(out))
         if self.join is None:  # a plain group
             return out
         return self.join(out, identity)
@@ -87,11 +104,14 @@ class ConvGroup(nn.Layer):
 class FastResNet(nn.Layer):
     """The whitening layer, three ConvGroups, the max over the last map and a linear head
     (see the module's docstring). widths: the groups' channels; shortcut: identity
-    shortcuts in the groups (False: airbench94's plain network).
+    shortcuts in the groups (False: airbench94's plain network); branch_convs: each
+    group's convolutions inside its shortcut; dirac_branch: whether the first of them
+    starts as the identity; scale: the head's.
     x: [N, 3, 32, 32] float32 -> logits [N, num_classes]"""
     whiten_size = 2  # the whitening layer's patches: 2x2, so 2 x (3 x 2 x 2) = 24 filters
 
-    def __init__(self, num_classes=10, widths=(64, 256, 256), shortcut=True, scale=1 / 9):
+    def __init__(self, num_classes=10, widths=(64, 256, 256), shortcut=True, scale=1 / 9, branch_convs=(1, 1, 1),
+                 dirac_branch=True):
         super().__init__()
         self.num_classes, self.with_pool, self.scale = num_classes, True, scale
         whiten_width = 2 * 3 * self.whiten_size ** 2
@@ -100,7 +120,8 @@ class FastResNet(nn.Layer):
         self.conv1.weight.stop_gradient = True  # fixed: set from the training images by init_whitening
         self.bn1 = frozen_scale_norm(whiten_width)
         channels = [whiten_width] + list(widths)
-        self.groups = nn.LayerList([ConvGroup(a, b, shortcut) for a, b in zip(channels, channels[1:])])
+        self.groups = nn.LayerList([ConvGroup(a, b, shortcut, convs, dirac_branch)
+                                    for a, b, convs in zip(channels, channels[1:], branch_convs)])
         self.pool = GlobalMaxPool2D()
         self.fc = nn.Linear(widths[-1], num_classes, bias_attr=False)
         init_like_pytorch(self.fc)
@@ -158,6 +179,21 @@ def fast_resnet(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs
 def fast_plain(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
     """fast_resnet without its shortcuts: airbench94's plain network."""
     return _fast("fast_plain", num_classes, stem, zero_init_residual, shortcut=False, **kwargs)
+
+
+def fast_resnet9(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
+    """The residual network of configs/fast94_muon.yaml: fast_resnet with a third
+    convolution in its last group (inside the shortcut: 9 layers with weights, and 4.5%
+    more multiply-adds), each group's branch starting from PyTorch's default instead of the
+    identity, and the head at 1/13: its input starts 1.49x as large as fast_plain's (rms
+    2.92 against 1.96, seeds 0-2), and 9 x 1.49 = 13.4. Measured on the 45,000/5,000
+    split, seed 0, with Muon: val 93.26% (fast_resnet 92.46%, fast_plain 92.98%).
+
+    >>> fast_resnet9()(paddle.rand([1, 3, 32, 32])).shape
+    [1, 10]
+    """
+    kwargs = dict(dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13), **kwargs)
+    return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **kwargs)
 
 
 def fast_resnet_small(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
