@@ -11,8 +11,11 @@ for the CIFAR nets, B projections for the others), pool and classifier.
 import torch.nn as tnn
 import torch.nn.functional as TF
 
-# the fast networks: (shortcut, widths), as models/fast_resnet.py's factories
-FAST = dict(fast_resnet=(True, (64, 256, 256)), fast_plain=(False, (64, 256, 256)), fast_resnet_small=(True, (64, 128, 128)))
+# the fast networks, as models/fast_resnet.py's factories: (shortcut, widths, the
+# convolutions inside each group's shortcut, the head's scale)
+FAST = dict(fast_resnet=(True, (64, 256, 256), (1, 1, 1), 1 / 9), fast_plain=(False, (64, 256, 256), (1, 1, 1), 1 / 9),
+            fast_resnet_small=(True, (64, 128, 128), (1, 1, 1), 1 / 9),
+            fast_resnet9=(True, (64, 256, 256), (1, 1, 2), 1 / 13))
 # the networks written here: the ImageNet-family ResNets, the paper's CIFAR ones, the fast ones
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
           "resnet20", "resnet32", "resnet44", "resnet56", "resnet110") + tuple(FAST)
@@ -90,33 +93,38 @@ def frozen_scale_norm(c):
 
 
 class ConvGroup(tnn.Module):
-    def __init__(self, cin, c, shortcut):
+    def __init__(self, cin, c, shortcut, branch_convs):
         super().__init__()
         self.conv1, self.bn1 = tnn.Conv2d(cin, c, 3, 1, 1, bias=False), frozen_scale_norm(c)
-        self.conv2, self.bn2 = tnn.Conv2d(c, c, 3, 1, 1, bias=False), frozen_scale_norm(c)
+        self.branch = tnn.ModuleList([tnn.Sequential(tnn.Conv2d(c, c, 3, 1, 1, bias=False), frozen_scale_norm(c))
+                                      for _ in range(branch_convs)])
         self.shortcut = shortcut
 
     def forward(self, x):
         x = TF.gelu(self.bn1(TF.max_pool2d(self.conv1(x), 2)))
-        out = TF.gelu(self.bn2(self.conv2(x)))
+        out = x
+        for conv_norm in self.branch:
+            out = TF.gelu(conv_norm(out))
         return out + x if self.shortcut else out
 
 
 class FastNet(tnn.Module):
     """models/fast_resnet.py's FastResNet: the whitening conv (frozen), three groups, the
-    max over the last map, a linear head without bias, x 1/9."""
+    max over the last map, a linear head without bias, x scale."""
 
-    def __init__(self, num_classes, shortcut, widths):
+    def __init__(self, num_classes, shortcut, widths, branch_convs, scale):
         super().__init__()
+        self.scale = scale
         self.conv1, self.bn1 = tnn.Conv2d(3, 24, 2, bias=False), frozen_scale_norm(24)
         self.conv1.weight.requires_grad = False
         channels = (24,) + widths
-        self.groups = tnn.Sequential(*[ConvGroup(a, b, shortcut) for a, b in zip(channels, channels[1:])])
+        self.groups = tnn.Sequential(*[ConvGroup(a, b, shortcut, convs)
+                                       for a, b, convs in zip(channels, channels[1:], branch_convs)])
         self.fc = tnn.Linear(widths[-1], num_classes, bias=False)
 
     def forward(self, x):
         x = self.groups(TF.gelu(self.bn1(self.conv1(x))))
-        return self.fc(TF.adaptive_max_pool2d(x, 1).flatten(1)) / 9
+        return self.fc(TF.adaptive_max_pool2d(x, 1).flatten(1)) * self.scale
 
 
 def build(name, stem, num_classes):

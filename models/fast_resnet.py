@@ -13,6 +13,8 @@ What differs from airbench94, and why:
 - the whitening layer's bias is a BatchNorm's shift (its scale frozen at 1, as all of
   them here): our convolution has no bias, and whitened patches already have unit variance.
 - the exact GELU in every group (airbench's nn.GELU() is the exact one too).
+- ``fast_resnet9`` (for the Muon recipe): a third conv inside the last group's shortcut,
+  branches that start from PyTorch's default, the head at 1/13 (its factory says why).
 
 Initialisation is PyTorch's default, which airbench's learning rates are tuned for:
 weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Paddle's default is a normal 2.4x wider, and
@@ -182,18 +184,19 @@ def fast_plain(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs)
 
 
 def fast_resnet9(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
-    """The residual network of configs/fast94_muon.yaml: fast_resnet with a third
-    convolution in its last group (inside the shortcut: 9 layers with weights, and 4.5%
-    more multiply-adds), each group's branch starting from PyTorch's default instead of the
-    identity, and the head at 1/13: its input starts 1.49x as large as fast_plain's (rms
-    2.92 against 1.96, seeds 0-2), and 9 x 1.49 = 13.4. Measured on the 45,000/5,000
-    split, seed 0, with Muon: val 93.26% (fast_resnet 92.46%, fast_plain 92.98%).
+    """The residual network for configs/fast94_muon.yaml (``--model fast_resnet9``; its
+    final runs are in docs/results.md): fast_resnet with a third convolution in its last
+    group (inside the shortcut: 9 layers with weights, and 4.5% more multiply-adds), each
+    group's branch starting from PyTorch's default instead of the identity (the shortcut
+    already carries it), and the head at 1/13: its input starts 1.49x as large as
+    fast_plain's (rms 2.92 against 1.96, seeds 0-2), and 9 x 1.49 = 13.4. On the
+    45,000/5,000 split, seed 0, with Muon: val 93.26% (fast_resnet 92.46%, fast_plain 92.98%).
 
     >>> fast_resnet9()(paddle.rand([1, 3, 32, 32])).shape
     [1, 10]
     """
-    kwargs = dict(dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13), **kwargs)
-    return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **kwargs)
+    defaults = dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13)
+    return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **{**defaults, **kwargs})
 
 
 def fast_resnet_small(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):

@@ -407,7 +407,8 @@ NETWORKS = [("resnet20", "cifar", 32), ("resnet56", "cifar", 32), ("resnet110", 
             ("plain20", "cifar", 32), ("plain56", "cifar", 32),
             ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64), ("resnet34", "cifar", 32),
             ("resnet34", "imagenet", 64), ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64),
-            ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32), ("fast_resnet_small", "cifar", 32)]
+            ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32), ("fast_resnet_small", "cifar", 32),
+            ("fast_resnet9", "cifar", 32)]
 
 
 def network(name, stem, weights=lambda a: a):

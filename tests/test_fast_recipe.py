@@ -74,6 +74,49 @@ def test_its_flops_are_airbench94s():
     assert round(2 * macs / 1e6) == 236
 
 
+def is_dirac(conv):
+    w = conv.weight.numpy()
+    n = min(w.shape[:2])
+    identity = np.zeros_like(w[:n])
+    identity[np.arange(n), np.arange(n), 1, 1] = 1
+    return np.array_equal(w[:n], identity)
+
+
+def test_fast_resnet9_adds_a_convolution_inside_the_last_shortcut():
+    model = models.fast_resnet9()
+    # fast_resnet's weights and one more 256x256 3x3 conv with its BN shift
+    assert count(model, trainable=True) == 1_971_352 + 9 * 256 * 256 + 256 == 2_561_432
+    assert [hasattr(g, "conv3") for g in model.groups] == [False, False, True]
+    assert list(models.fast_resnet().state_dict()) == [k for k in model.state_dict() if ".conv3." not in k
+                                                       and ".bn3." not in k]
+    # the branches start from PyTorch's default, the convolutions before them from the identity
+    assert [is_dirac(g.conv1) for g in model.groups] == [True] * 3
+    assert [is_dirac(g.conv2) for g in model.groups] == [False] * 3
+    assert is_dirac(model.groups[2].conv3) and all(is_dirac(g.conv2) for g in models.fast_resnet().groups)
+    bound = 1 / np.sqrt(9 * 64)
+    assert 0.99 * bound < np.abs(model.groups[0].conv2.weight.numpy()).max() <= bound
+    assert model.scale == 1 / 13 and models.fast_resnet().scale == 1 / 9
+    assert sum(isinstance(m, models.ResidualJoin) for m in model.sublayers()) == 3
+    assert model(paddle.rand([2, 3, 32, 32])).shape == [2, 10]
+    assert "fast_resnet9" in models.CIFAR_ONLY and "fast_resnet9" in models.registry.FROZEN_SCALE
+    from models.summary import summary
+    macs = summary(model, 32, print_fn=None)["macs"]
+    assert macs == summary(models.fast_resnet(), 32, print_fn=None)["macs"] + 256 * 256 * 9 * 3 * 3 == 123_455_776
+    with pytest.raises(ValueError, match="branch_convs must be 1 or 2"):
+        models.FastResNet(branch_convs=(1, 1, 3))
+
+
+def test_fast_resnet9s_third_convolution_is_inside_the_shortcut():
+    """Its last group is pooled -> conv2 -> conv3, plus the pooled input."""
+    paddle.seed(0)
+    model = models.fast_resnet9()
+    model.eval()
+    group, x = model.groups[2], paddle.rand([2, 256, 7, 7])
+    pooled = group.bn1(group.pool(group.conv1(x)))
+    want = group.bn3(group.conv3(group.bn2(group.conv2(pooled)))) + pooled
+    np.testing.assert_allclose(group(x).numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_the_whitening_layer_whitens_the_patches_it_was_set_from():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
