@@ -2,7 +2,7 @@
 
 The library is compiled on first use against oneDNN headers that match the libdnnl.so.3
 Paddle ships (README.md beside this file), linked to that library and to Paddle's OpenMP
-runtime, cached per (Paddle version, sources, headers, CPU kind), and checked against
+runtime, cached per (Paddle version, sources, headers, CPU kind, checkout), and checked against
 Paddle's kernels before anything trains on it. ``load()`` in __init__.py calls this.
 """
 import contextlib
@@ -102,9 +102,12 @@ def openmp_link_flags():
 
 
 def build_dir(include_dir):
-    """One cache folder per (Paddle version, source, headers): a change to any rebuilds."""
+    """One cache folder per (Paddle version, source, headers, checkout): a change to any
+    rebuilds. The checkout's folder is in it because Paddle's cpp_extension compiles again
+    when the sources' paths change: two clones sharing one folder rebuilt it in turn."""
     digest = hashlib.sha1()
     digest.update(paddle.__version__.encode())
+    digest.update(HERE.encode())
     for source in SOURCES + HEADERS:
         digest.update(open(source, "rb").read())
     digest.update(" ".join(devices.cpu_flags()).encode())  # built with -march=native: one build per kind of CPU
