@@ -121,6 +121,8 @@ class FastResNet(nn.Layer):
         self.conv1 = Conv2D(3, whiten_width, self.whiten_size, padding=0, bias_attr=False)
         self.conv1.weight.stop_gradient = True  # fixed: set from the training images by init_whitening
         self.bn1 = frozen_scale_norm(whiten_width)
+        if len(branch_convs) != len(widths):
+            raise ValueError(f"branch_convs needs one count per group: {len(widths)} widths, got {branch_convs!r}")
         channels = [whiten_width] + list(widths)
         self.groups = nn.LayerList([ConvGroup(a, b, shortcut, convs, dirac_branch)
                                     for a, b, convs in zip(channels, channels[1:], branch_convs)])

@@ -104,6 +104,8 @@ def test_fast_resnet9_adds_a_convolution_inside_the_last_shortcut():
     assert macs == summary(models.fast_resnet(), 32, print_fn=None)["macs"] + 256 * 256 * 9 * 3 * 3 == 123_455_776
     with pytest.raises(ValueError, match="branch_convs must be 1 or 2"):
         models.FastResNet(branch_convs=(1, 1, 3))
+    with pytest.raises(ValueError, match="one count per group: 3 widths"):
+        models.FastResNet(branch_convs=(1, 2))  # zip would have built two groups
 
 
 def test_fast_resnet9s_third_convolution_is_inside_the_shortcut():
