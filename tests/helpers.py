@@ -104,3 +104,10 @@ def interrupt_in_epoch(train_one_epoch, epoch, step):
 # headers (CPU_KERNELS_EXPECTED=absent) leaves it to its two other suites, to keep CI short.
 kernel_independent = pytest.mark.skipif(os.environ.get("CPU_KERNELS_EXPECTED") == "absent",
                                         reason="kernel-independent: run by CI's suites with the operators")
+
+# A test of our own code around a step Paddle 2.6 and 3.x take alike, whose Paddle part
+# every suite with the operators runs anyway (its first build of them): CI's Paddle 2.6
+# suite with the operators (CI_PADDLE_SUITE=2.6) leaves it to the Paddle 3 suite, to keep
+# CI short.
+once_with_the_operators = pytest.mark.skipif(os.environ.get("CI_PADDLE_SUITE") == "2.6",
+                                             reason="run by CI's Paddle 3 suite with the operators")

@@ -24,7 +24,7 @@ import export as export_script
 import finetune
 import predict
 import train_cifar10
-from helpers import make_cifar_archive, make_image_folder
+from helpers import kernel_independent, make_cifar_archive, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
@@ -294,6 +294,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert not os.path.exists(tmp_path / "fresh" / "last.pdckpt")
 
 
+@kernel_independent
 def test_a_longer_resume_plans_the_schedule_again(world, tmp_path, capsys):
     import shutil
     run = tmp_path / "run"

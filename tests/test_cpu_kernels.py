@@ -401,12 +401,14 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
     assert list(model.state_dict()) == names
 
 
-# Every network of models/, on our kernels against Paddle's: (name, stem, image size).
-# The ImageNet stem at 64 pixels keeps Paddle's kernels quick; its last stage is still 2x2.
-NETWORKS = [("resnet20", "cifar", 32), ("resnet56", "cifar", 32), ("resnet110", "cifar", 32),
-            ("plain20", "cifar", 32), ("plain56", "cifar", 32),
-            ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64), ("resnet34", "cifar", 32),
-            ("resnet34", "imagenet", 64), ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64),
+# Every kind of network of models/, on our kernels against Paddle's: (name, stem, image
+# size). The ImageNet stem at 64 pixels keeps Paddle's kernels quick; its last stage is
+# still 2x2. ResNet-56, plain-56 and ResNet-34 are left out: their layers are those of
+# ResNet-20/110, plain-20 and ResNet-18 in other numbers (their shapes are in SHAPES),
+# and they took about 15 s of each of CI's two suites with the operators.
+NETWORKS = [("resnet20", "cifar", 32), ("resnet110", "cifar", 32), ("plain20", "cifar", 32),
+            ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64),
+            ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64),
             ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32), ("fast_resnet_small", "cifar", 32),
             ("fast_resnet9", "cifar", 32)]
 

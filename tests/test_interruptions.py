@@ -23,7 +23,7 @@ import finetune
 import cpu_kernels
 from cpu_kernels import build
 import train_cifar10
-from helpers import make_cifar_archive, make_image_folder
+from helpers import kernel_independent, make_cifar_archive, make_image_folder, once_with_the_operators
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
@@ -66,6 +66,7 @@ def finish(proc, lines, timeout=120):
 
 
 # --------------------------------------------------------------- one writer per run
+@kernel_independent
 def test_a_second_process_on_a_run_is_refused_naming_the_first(archive, tmp_path):
     out = tmp_path / "run"
     train_cifar10.main(TINY + ["--epochs", "1", "--data-file", archive, "--output-dir", str(out)])
@@ -98,6 +99,7 @@ class Killed(BaseException):
     """kill -9 as a test can have it: nothing of ours catches it."""
 
 
+@kernel_independent
 def test_a_kill_at_every_write_leaves_a_run_that_resume_finishes_consistently(archive, tmp_path, monkeypatch):
     args = TINY + ["--epochs", "2", "--data-file", archive]
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "whole")])
@@ -149,6 +151,7 @@ def test_sigterm_while_the_archive_loads_is_one_line(archive, tmp_path):
     assert text.strip().splitlines()[-1] == "terminated: nothing was saved" and "Traceback" not in text
 
 
+@kernel_independent
 def test_sigterm_to_the_process_group_with_workers_saves_the_position(archive, tmp_path):
     out = tmp_path / "run"
     proc = start(script("train_cifar10.py", *TINY, "--num-workers", "2", "--epochs", "50", "--data-file", archive,
@@ -166,6 +169,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_the_position(archive, t
     assert not list(out.glob(".*.tmp"))
 
 
+@kernel_independent
 def test_a_second_sigterm_while_the_interrupt_checkpoint_is_written(archive, tmp_path):
     slow = "import checkpoint, time; save = checkpoint.save_run\n" \
            "def slow(*a):\n    print('SAVING', flush=True); time.sleep(3); save(*a)\n" \
@@ -183,6 +187,7 @@ def test_a_second_sigterm_while_the_interrupt_checkpoint_is_written(archive, tmp
     assert checkpoint.load(str(out))["progress"]["step"] >= 2 and not list(out.glob(".*.tmp"))
 
 
+@kernel_independent
 def test_ctrl_c_during_the_final_report_and_resume_writes_it(archive, tmp_path):
     slow = "import engine, time; report = engine.final_report\n" \
            "def slow(*a, **k):\n    print('REPORT', flush=True); time.sleep(30); return report(*a, **k)\n" \
@@ -252,6 +257,7 @@ def test_eval_prints_its_results_when_the_picture_cannot_be_saved(archive, tmp_p
 
 
 # ----------------------------------------------------------------- output elsewhere
+@kernel_independent
 def test_a_closed_stdout_never_stops_training_and_ends_a_prediction_quietly(archive, tmp_path):
     out = tmp_path / "run"
     cmd = " ".join(script("train_cifar10.py", *TINY, "--epochs", "2", "--data-file", archive, "--output-dir", out))
@@ -325,6 +331,7 @@ def test_a_library_cut_short_is_told_from_a_whole_one(tmp_path):
         assert not build.whole_library(str(tmp_path / name)), name
 
 
+@once_with_the_operators  # and the slowest test: it compiles them
 @pytest.mark.skipif(cpu_kernels.load()[0] is None, reason="the operator does not build here")
 def test_a_truncated_library_in_the_cache_is_rebuilt_once(tmp_path):
     cache = tmp_path / "with space"
