@@ -45,6 +45,8 @@ def report(facts):
             no_units if not facts["cpu_bf16"] else
             f"no: {limit[0]}={limit[1]} keeps oneDNN from its AVX512 code" if limit and limit[1].upper() in
             devices.NO_BF16_ISAS else
+            f"yes, on {facts['cpu_bf16']}, but {devices.SLOW_BF16}; train in fp32" if facts.get("cpu_kernels_ok") and
+            facts.get("cpu_bf16_slower") else
             f"yes, on {facts['cpu_bf16']}" if facts.get("cpu_kernels_ok") else
             "no: it runs on our CPU kernels (cpu_kernels/), which are not available here"))
         lines.append(f"CPU bf16 inference (eval.py --inference --precision bf16{on_cpu}): " + (
@@ -77,6 +79,7 @@ def main(argv=None):
         op, why_not = cpu_kernels.load()
         facts["cpu_kernels"] = "ours (cpu_kernels/)" if op else f"Paddle's ({why_not})"
     facts["cpu_kernels_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(devices.cpu_flags())
+    facts["cpu_bf16_slower"] = devices.bf16_slower_than_fp32(devices.cpu_flags(), devices.cpu_info("vendor_id"))
     facts["isa_limit"] = devices.onednn_isa_limit()
     print("\n".join(report(facts)))
     status, last = verdict(facts, args.require_gpu)

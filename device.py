@@ -132,13 +132,18 @@ def fix_for(facts, failure):
 
 
 # -------------------------------------------------------------- training options
+def cpu_info(field, path="/proc/cpuinfo"):
+    """A field of the first processor in /proc/cpuinfo ("flags", "vendor_id"), "" where there is none."""
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
 def cpu_flags():
     """The CPU's feature flags (/proc/cpuinfo), empty where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
+    return cpu_info("flags").split()
 
 
 def cpu_bf16_units(flags):
@@ -149,6 +154,22 @@ def cpu_bf16_units(flags):
     if "avx512_bf16" in flags:
         return "AVX512-BF16"
     return None
+
+
+# Intel's avx512_bf16 without AMX (a CPU before Sapphire Rapids, or one whose hypervisor
+# hides AMX): its bf16 dot product, vdpbf16ps (32 multiply-adds), ran at half the rate of
+# fp32's FMA (16) on an Intel Xeon of model 207 with AMX hidden, 41 against 82 G
+# multiply-adds/s a core (one core, 12 independent accumulators; AMD's Zen 4 runs it at
+# twice fp32's rate), and our bf16 training steps at 0.71x (ResNet-20, batch 128) to 0.85x
+# (fast_resnet9, batch 2000) the fp32 ones (README, Results).
+SLOW_BF16 = ("bf16 trains slower than fp32 here: this Intel CPU has avx512_bf16 without AMX, whose bf16 "
+             "multiply-adds run at half fp32's rate (bench.py --compare ours+onednn,ours+bf16 measures it)")
+
+
+def bf16_slower_than_fp32(flags, vendor):
+    """Whether bf16 training on a CPU with ``flags`` from ``vendor`` (/proc/cpuinfo's vendor_id)
+    is expected to run slower than fp32 (SLOW_BF16 says why)."""
+    return cpu_bf16_units(flags) == "AVX512-BF16" and vendor == "GenuineIntel"
 
 
 # oneDNN ISAs below AVX512_CORE, where its bf16 convolutions do not run: a bf16 step under
@@ -186,9 +207,9 @@ def cpu_amp_plan(cfg, flags, isa_limit=None):
     return units
 
 
-def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=(), isa_limit=None):
+def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=(), isa_limit=None, vendor=""):
     """The settings a training run will really use on ``device`` (compute capability
-    ``cap`` for a GPU, CPU ``flags``, oneDNN's ``isa_limit``: onednn_isa_limit()), or
+    ``cap`` for a GPU, CPU ``flags`` and ``vendor``, oneDNN's ``isa_limit``: onednn_isa_limit()), or
     UserError for a combination that cannot work. Pure: the facts come in as arguments,
     so every combination is tested anywhere."""
     major = int(paddle_version.split(".")[0])  # a develop build says 0.0.0: treat it as new
@@ -199,7 +220,7 @@ def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=(), isa_
     if cfg.amp and device != "gpu":
         units = cpu_amp_plan(cfg, flags, isa_limit)
         return dict(amp=True, amp_dtype="bfloat16", amp_level="O1", loss_scaling=False, fp32_eval_copy=False,
-                    cudnn_deterministic=False, cpu_bf16=units)
+                    cudnn_deterministic=False, cpu_bf16=units, cpu_bf16_slower=bf16_slower_than_fp32(flags, vendor))
     if cfg.amp:
         need = MIN_CAPABILITY[cfg.amp_dtype]
         if cap is not None and tuple(cap) < need:
@@ -220,7 +241,7 @@ def training_plan(cfg, paddle_version, device, cap=None, world=1, flags=(), isa_
     return dict(amp=cfg.amp, amp_dtype=cfg.amp_dtype, amp_level=cfg.amp_level,
                 loss_scaling=cfg.amp and cfg.amp_dtype == "float16",  # bf16 has fp32's range: no scaler
                 fp32_eval_copy=cfg.amp and cfg.amp_level == "O2",
-                cudnn_deterministic=device == "gpu" and cfg.deterministic, cpu_bf16=None)
+                cudnn_deterministic=device == "gpu" and cfg.deterministic, cpu_bf16=None, cpu_bf16_slower=False)
 
 
 def describe(device):

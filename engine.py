@@ -401,7 +401,7 @@ def set_up(cfg):
     if device == "gpu":  # the oldest GPU of the ranks decides, so that all train alike (GPU audit 2, N7)
         cap = launch.lowest_capability(devices.capability(devices.gpu_facts(), paddle.get_device()), world)
     plan = devices.training_plan(cfg, paddle.__version__, device, cap, world, devices.cpu_flags(),
-                                 devices.onednn_isa_limit())
+                                 devices.onednn_isa_limit(), devices.cpu_info("vendor_id"))
     if plan["cudnn_deterministic"]:
         paddle.set_flags({"FLAGS_cudnn_deterministic": True})
     if device == "cpu" and cpu_settings.KEEPS_FREED_MEMORY:

@@ -9,6 +9,7 @@ import paddle
 
 import checkpoint
 import cpu_kernels
+import device as devices
 from models import layers
 from errors import UserError
 from progress import log
@@ -35,6 +36,8 @@ def choose_kernels(model, cfg, device, plan=None):
     if bf16:
         log(f"mixed precision: bf16 on {bf16} (activations and their gradients bf16; weights, their gradients, "
             "BatchNorm statistics and the loss fp32; evaluation fp32)")
+        if plan.get("cpu_bf16_slower"):
+            log(f"notice: {devices.SLOW_BF16}; drop --amp to train in fp32")
     log(f"CPU kernels: ours (cpu_kernels/; --cpu-kernels paddle for Paddle's), {n['layout'].upper()}: "
         f"convolutions {n['conv']}, BatchNorm(+activation) {n['norm']}, residual joins {n['join']}, pools {n['pool']}")
     return "ours"

@@ -797,6 +797,18 @@ def test_bf16_join_is_the_fp32_join_rounded(out_shape, in_shape, stride):
         np.testing.assert_array_equal(a.astype("float32").numpy(), round_to_bf16(b.numpy()))
 
 
+@needs_op
+@pytest.mark.parametrize("slower", [True, False])
+def test_bf16_training_says_so_where_bf16_is_slower_than_fp32(slower, capsys):
+    import config
+    import train_net
+    plan = dict(cpu_bf16="AVX512-BF16", cpu_bf16_slower=slower)  # device.training_plan's, for any CPU
+    assert train_net.choose_kernels(models.get_model("fast_resnet_small"), config.make_config({}), "cpu", plan) == "ours"
+    log = capsys.readouterr().out
+    assert "mixed precision: bf16 on AVX512-BF16" in log
+    assert (f"notice: {devices.SLOW_BF16}; drop --amp to train in fp32" in log) is slower
+
+
 def round_to_bf16(x):
     """float32 -> the nearest bf16 value (ties to even), as float32 (Paddle 2.6's own cast truncates)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
@@ -813,6 +825,7 @@ def test_bf16_training_logs_its_units_saves_fp32_and_resumes_exactly(archive, tm
     train_cifar10.main(args + ["--output-dir", str(tmp_path / "a")])
     log = capsys.readouterr().out
     assert f"mixed precision: bf16 on {BF16_UNITS}" in log
+    assert (devices.SLOW_BF16 in log) is devices.bf16_slower_than_fp32(devices.cpu_flags(), devices.cpu_info("vendor_id"))
     a = checkpoint.load(str(tmp_path / "a" / "last.pdckpt"))
     assert all(np.asarray(v).dtype == np.float32 for k, v in a["model"].items())
     results = yaml.safe_load(open(tmp_path / "a" / "results.yaml"))

@@ -221,6 +221,28 @@ def test_cpu_bf16_plan_names_the_units(flags, units):
     assert devices.training_plan(cfg_of(), P3, "cpu", flags=flags)["cpu_bf16"] is None
 
 
+@pytest.mark.parametrize("flags,vendor,slower", [(ZEN4, "GenuineIntel", True), (ZEN4, "AuthenticAMD", False),
+                                                 (AMX, "GenuineIntel", False)])
+def test_bf16_on_intels_avx512_bf16_without_amx_is_said_to_be_slower(flags, vendor, slower):
+    """Intel's vdpbf16ps without AMX does half fp32's multiply-adds (device.SLOW_BF16): the
+    run says so and trains in bf16 as asked; check_env says to train in fp32."""
+    plan = devices.training_plan(cfg_of(amp=True, amp_dtype="bfloat16"), P3, "cpu", flags=flags, vendor=vendor)
+    assert plan["cpu_bf16_slower"] is slower and plan["amp"]
+    assert devices.training_plan(cfg_of(), P3, "cpu", flags=flags, vendor=vendor)["cpu_bf16_slower"] is False
+    cpu = dict(facts(P3, gpus=()), cpu_bf16=plan["cpu_bf16"], cpu_kernels_ok=True, cpu_bf16_slower=slower)
+    line = next(x for x in check_env.report(cpu) if x.startswith("CPU bf16 training"))
+    assert line.endswith(f"yes, on {plan['cpu_bf16']}" + (f", but {devices.SLOW_BF16}; train in fp32" if slower else ""))
+
+
+def test_cpu_info_reads_a_field_by_its_whole_name(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nvmx flags\t: ept vpid\nflags\t\t: fpu avx512_bf16\n"
+                    "\nprocessor\t: 1\nvendor_id\t: Other\n")
+    assert devices.cpu_info("vendor_id", info) == "GenuineIntel"
+    assert devices.cpu_info("flags", info) == "fpu avx512_bf16"
+    assert devices.cpu_info("model name", info) == "" and devices.cpu_info("flags", tmp_path / "none") == ""
+
+
 @pytest.mark.parametrize("values,version,cap,expected", [
     (dict(), P3, None, dict(amp=False, loss_scaling=False, fp32_eval_copy=False, cudnn_deterministic=False)),
     (dict(amp=True), P26, (7, 0), dict(amp=True, loss_scaling=True, fp32_eval_copy=False)),
