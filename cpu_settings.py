@@ -13,15 +13,13 @@ import os
 import sys
 
 
-def _cpu_vendor():
+def cpu_info(field, path="/proc/cpuinfo"):
+    """A field of the first processor in /proc/cpuinfo ("flags", "vendor_id"), "" where there is none."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
-        pass
-    return ""
+        return ""
 
 
 # CPU settings, read by Paddle's libraries when they load, so only effective if paddle is
@@ -102,7 +100,7 @@ if TUNED:
     os.environ.setdefault("KMP_BLOCKTIME", "20")
 # - Paddle's bundled MKL takes a slow generic path on AMD processors; type 5 selects its
 #   AVX2 kernels (ResNet-18/CIFAR training 7.1 -> 9.8 img/s here; Paddle issue #75760).
-if _cpu_vendor() == "AuthenticAMD":
+if cpu_info("vendor_id") == "AuthenticAMD":
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 # - Freed memory stays in the process (glibc's malloc only; nothing elsewhere). Paddle's CPU

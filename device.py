@@ -10,6 +10,7 @@ import shutil
 
 import paddle
 
+from cpu_settings import cpu_info
 from errors import UserError
 from models.registry import FROZEN_SCALE
 
@@ -132,15 +133,6 @@ def fix_for(facts, failure):
 
 
 # -------------------------------------------------------------- training options
-def cpu_info(field, path="/proc/cpuinfo"):
-    """A field of the first processor in /proc/cpuinfo ("flags", "vendor_id"), "" where there is none."""
-    try:
-        with open(path) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
-    except OSError:
-        return ""
-
-
 def cpu_flags():
     """The CPU's feature flags (/proc/cpuinfo), empty where there is none."""
     return cpu_info("flags").split()
@@ -156,12 +148,13 @@ def cpu_bf16_units(flags):
     return None
 
 
-# Intel's avx512_bf16 without AMX (a CPU before Sapphire Rapids, or one whose hypervisor
-# hides AMX): its bf16 dot product, vdpbf16ps (32 multiply-adds), ran at half the rate of
-# fp32's FMA (16) on an Intel Xeon of model 207 with AMX hidden, 41 against 82 G
-# multiply-adds/s a core (one core, 12 independent accumulators; AMD's Zen 4 runs it at
-# twice fp32's rate), and our bf16 training steps at 0.71x (ResNet-20, batch 128) to 0.85x
-# (fast_resnet9, batch 2000) the fp32 ones (README, Results).
+# Intel's avx512_bf16 without AMX (Cooper Lake, or a later Xeon whose hypervisor hides AMX;
+# measured on the latter): its bf16 dot product, vdpbf16ps (32 multiply-adds an
+# instruction), gave half the multiply-adds a second of fp32's FMA (16 an instruction) on
+# an Intel Xeon of model 207, 41 against 82 G a core (docs/peak_rate.c), and our bf16
+# training steps ran at 0.71x (ResNet-20, batch 128) to 0.85x (fast_resnet9, batch 2000)
+# the fp32 ones (docs/speed.md); on AMD's Zen 4 (avx512_bf16, no AMX) they run 1.5x the
+# fp32 ones (ResNet-20).
 SLOW_BF16 = ("bf16 trains slower than fp32 here: this Intel CPU has avx512_bf16 without AMX, whose bf16 "
              "multiply-adds run at half fp32's rate (bench.py --compare ours+onednn,ours+bf16 measures it)")
 

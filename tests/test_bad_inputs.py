@@ -329,6 +329,7 @@ def test_full_disk_while_saving_keeps_the_old_checkpoint_and_leaves_no_tmp(world
     assert fingerprint(run)["last.pdckpt"] == before["last.pdckpt"]
 
 
+@kernel_independent
 def test_sigterm_saves_like_ctrl_c_and_resumes(world, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-u", os.path.join(ROOT, "train_cifar10.py")] + TINY + [

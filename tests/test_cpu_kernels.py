@@ -20,7 +20,7 @@ import models
 import cpu_kernels
 from cpu_kernels import build, kernels
 import train_cifar10
-from helpers import make_cifar_archive
+from helpers import make_cifar_archive, once_with_the_operators
 
 OP, WHY_NOT = cpu_kernels.load()
 needs_op = pytest.mark.skipif(OP is None, reason=f"cpu_kernels unavailable: {WHY_NOT}")
@@ -408,7 +408,9 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
 # and they took about 15 s of each of CI's two suites with the operators.
 NETWORKS = [("resnet20", "cifar", 32), ("resnet110", "cifar", 32), ("plain20", "cifar", 32),
             ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64),
-            ("resnet50", "cifar", 32), ("resnet50", "imagenet", 64),
+            ("resnet50", "cifar", 32),
+            # its layers are resnet50-cifar's and resnet18-imagenet's: Paddle 2.6's suite leaves it
+            pytest.param("resnet50", "imagenet", 64, marks=once_with_the_operators),
             ("fast_resnet", "cifar", 32), ("fast_plain", "cifar", 32), ("fast_resnet_small", "cifar", 32),
             ("fast_resnet9", "cifar", 32)]
 

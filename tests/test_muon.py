@@ -15,7 +15,7 @@ import models
 import muon
 import train_cifar10
 from errors import UserError
-from helpers import interrupt_in_epoch, make_cifar_archive
+from helpers import interrupt_in_epoch, kernel_independent, make_cifar_archive
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "fast94_muon.yaml")
 TINY = ["--config", RECIPE, "--epochs", "2", "--batch-size", "32", "--val-size", "40", "--log-every", "2"]
@@ -119,6 +119,7 @@ def straight_run(archive, tmp_path_factory):
     return out
 
 
+@kernel_independent  # Muon's state and the resume: the suites with the operators run them
 def test_a_stopped_muon_run_resumes_to_the_bit(archive, straight_run, tmp_path, monkeypatch):
     original = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(original, 1, 2))

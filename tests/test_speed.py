@@ -13,7 +13,7 @@ import engine
 import errors
 import models
 import train_cifar10
-from helpers import interrupt_in_epoch, make_cifar_archive
+from helpers import interrupt_in_epoch, kernel_independent, make_cifar_archive
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,7 @@ def test_the_cpus_numpy_batches_equal_the_device_tensor_batches(archive, augment
         np.testing.assert_array_equal(y.numpy(), y_t.numpy())
 
 
+@kernel_independent
 def test_training_with_device_loader_resumes_exactly(archive, tmp_path, monkeypatch):
     args = ["--model", "resnet20", "--data-file", archive, "--val-size", "20", "--batch-size", "32",
             "--epochs", "2", "--loader", "device", "--num-workers", "0"]
