@@ -13,7 +13,7 @@ import pytest
 import export
 import files
 import train_cifar10
-from helpers import kernel_independent, make_cifar_archive
+from helpers import kernel_independent, make_cifar_archive, once_with_the_operators
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = kernel_independent
@@ -59,6 +59,7 @@ def one_line_error(text):
 
 
 # ------------------------------------------------- a run with no checkpoint yet
+@once_with_the_operators  # our run folder's: alike on Paddle 2.6
 def test_a_run_killed_before_its_first_checkpoint_starts_again(archive, tmp_path):
     out = tmp_path / "run"
     command = ["train_cifar10.py", *TINY, "--epochs", "1", "--data-file", archive, "--output-dir", str(out)]
@@ -82,6 +83,7 @@ def test_a_finished_run_is_still_refused_to_a_new_one(archive, tmp_path):
 
 
 # ------------------------------------------------------------------ notebooks
+@once_with_the_operators  # our lock's: alike on Paddle 2.6
 def test_a_refused_run_leaves_the_lock_for_a_resume_from_a_terminal(archive, tmp_path):
     """A notebook's second fit into the same folder is refused; the kernel keeps running,
     and a --resume from a terminal must not find the run locked by it."""
