@@ -78,8 +78,9 @@ def main(argv=None):
     else:
         op, why_not = cpu_kernels.load()
         facts["cpu_kernels"] = "ours (cpu_kernels/)" if op else f"Paddle's ({why_not})"
-    facts["cpu_kernels_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(devices.cpu_flags())
-    facts["cpu_bf16_slower"] = devices.bf16_slower_than_fp32(devices.cpu_flags(), devices.cpu_info("vendor_id"))
+    flags = devices.cpu_flags()
+    facts["cpu_kernels_ok"], facts["cpu_bf16"] = op is not None, devices.cpu_bf16_units(flags)
+    facts["cpu_bf16_slower"] = devices.bf16_slower_than_fp32(flags, devices.cpu_info("vendor_id"))
     facts["isa_limit"] = devices.onednn_isa_limit()
     print("\n".join(report(facts)))
     status, last = verdict(facts, args.require_gpu)
