@@ -75,6 +75,7 @@ class TrainConfig:
     amp: bool = False                # mixed precision: a GPU (fp16, bf16), or a CPU with bf16 units (bf16)
     amp_dtype: str = "float16"       # float16 | bfloat16
     amp_level: str = "O1"            # O1: per-op casts | O2: fp16/bf16 weights with fp32 master copies
+    amp_eval: bool = False           # with --amp, evaluation (each validation, the final test) in --amp-dtype too
     to_static: bool = False          # compile the model with paddle.jit.to_static
     cpu_kernels: str = "ours"        # CPU training: ours (cpu_kernels/, when they build here; else Paddle's, said) | paddle
     deterministic: bool = False      # GPU: cuDNN's deterministic algorithms (bit-exact resume; slower). The CPU always is

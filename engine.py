@@ -221,7 +221,7 @@ def evaluate(model, loader, num_classes, world_size=1):
     loss_sum, top5, n = 0.0, 0, 0
     start = time.time()
     for images, labels in loader:
-        logits = model(images)
+        logits = model(images).astype("float32")  # fp16/bf16 under --amp-eval on a GPU
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, num_classes)
         topk = paddle.topk(logits, k, axis=-1)[1].numpy()
@@ -272,8 +272,9 @@ def train_and_report(cfg, loaded, device, world, rank, plan, resume_state, model
     if world > 1:
         log_replicas(model, world)
     try:
-        return final_report(cfg, train_net.model_for_eval(model, cfg, num_classes), loaded.splits.get("test"),
-                            num_classes, run, world, rank, evidence(cfg, device, world, kernels))
+        with train_net.eval_precision(cfg):
+            return final_report(cfg, train_net.model_for_eval(model, cfg, num_classes), loaded.splits.get("test"),
+                                num_classes, run, world, rank, evidence(cfg, device, world, kernels))
     except KeyboardInterrupt as stop:
         log(f"\n{'terminated' if isinstance(stop, errors.Terminated) else 'interrupted'} during the final report: "
             f"the training is finished and saved in {os.path.join(out, checkpoint.LAST)}; "
@@ -361,7 +362,8 @@ def train_epochs(training, model, batches, loaded, rank):
             # end of epoch: validation, checkpoints, metrics
             row = epoch_row(run, epoch, t.opt, t.world, time.time() - t0)
             if val_loader is not None:
-                v = evaluate(train_net.model_for_eval(model, cfg, num_classes), val_loader, num_classes, t.world)
+                with train_net.eval_precision(cfg):
+                    v = evaluate(train_net.model_for_eval(model, cfg, num_classes), val_loader, num_classes, t.world)
                 row.update(val_loss=v["loss"], val_acc=v["top1"])
             row["epoch_time_s"] = time.time() - t0
             save(run.end_epoch(row))
@@ -514,6 +516,8 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, eviden
                   best_epoch=best["epoch"] or None, best_val_acc=best["val_acc"] if best["epoch"] else None)
     loader = eval_loader(cfg, test_set, world, rank)
     views = "" if cfg.tta == "none" else f", test-time augmentation {cfg.tta}"
+    if cfg.amp and cfg.amp_eval:
+        views += f", evaluated in {'bf16' if cfg.amp_dtype == 'bfloat16' else 'fp16'}"
     if loader is not None:
         final = evaluate(tta.with_tta(model, cfg.tta), loader, num_classes, world)
         result["final_test_acc"] = final["top1"]
@@ -521,8 +525,8 @@ def final_report(cfg, model, test_set, num_classes, run, world=1, rank=0, eviden
         if best["epoch"]:
             b = final
             if best["epoch"] != last["epoch"]:  # else the best model is the final one
-                b = evaluate(tta.with_tta(best_model_of(cfg, num_classes, world, rank), cfg.tta), loader, num_classes,
-                             world)
+                best_model = train_net.computing_like(best_model_of(cfg, num_classes, world, rank), model)
+                b = evaluate(tta.with_tta(best_model, cfg.tta), loader, num_classes, world)
             result["best_test_acc"] = b["top1"]
             log(f"best model (epoch {best['epoch']}, chosen on val acc {best['val_acc']:.4f}): test acc {b['top1']:.4f}")
     result.update(evidence or {})

@@ -3,6 +3,7 @@
     python eval.py --ckpt runs/cifar10/best.pdckpt --data-file cifar-10-python.tar.gz
     python eval.py --ckpt runs/cifar10 --split val --json
     python eval.py --ckpt runs/cifar10 --inference --precision bf16   # a CPU with bf16 units
+    python eval.py --ckpt runs/cifar10 --precision bf16   # our CPU kernels in bf16, as --amp-eval
     python eval.py --ckpt runs/finetune          # an image-folder run: its val split
 
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
@@ -18,7 +19,9 @@ import cpu_settings  # noqa: F401  (first: the CPU settings, before paddle loads
 import paddle
 import checkpoint
 import config
+import cpu_kernels
 import data
+import device as devices
 import engine
 import errors
 import plots
@@ -53,6 +56,24 @@ def eval_split(cfg, args, class_names):
     return dataset
 
 
+def on_bf16_kernels(model):
+    """``model`` evaluated in bf16 on our CPU kernels, as a run with --amp-eval evaluates."""
+    if not paddle.get_device().startswith("cpu"):
+        raise errors.UserError("--precision bf16 without --inference runs on our CPU kernels: add --device cpu, "
+                               "or --inference for paddle.inference on this GPU")
+    if devices.cpu_bf16_units(devices.cpu_flags()) is None:
+        raise errors.UserError("--precision bf16 needs a CPU with avx512_bf16 or amx_bf16; this one has neither: "
+                               "drop --precision")
+    op, why_not = cpu_kernels.load()
+    if op is None:
+        raise errors.UserError(f"--precision bf16 without --inference runs on our CPU kernels, which cannot be used "
+                               f"here ({why_not}): add --inference")
+    try:
+        cpu_kernels.use_in(model, dtype="bfloat16", bf16_eval=True)
+    except ValueError as e:  # a network whose layers our kernels do not all cover
+        raise errors.UserError(f"{e}: add --inference for paddle.inference in bf16") from None
+
+
 def main(argv=None):
     parser = errors.ArgumentParser(description="Evaluate a checkpoint (CIFAR-10, CIFAR-100, or an image-folder run's images).")
     parser.add_argument("--ckpt", required=True, help="a .pdckpt file, or a run directory (its best, else last)")
@@ -67,7 +88,8 @@ def main(argv=None):
                         help="the fast path: export the model and run it through paddle.inference "
                              "(oneDNN and conv+BN fusion on the CPU)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                        help="--inference: fp16 on a GPU, bf16 on a CPU with avx512_bf16 or amx_bf16")
+                        help="--inference: fp16 on a GPU, bf16 on a CPU with avx512_bf16 or amx_bf16; bf16 "
+                             "without --inference: our CPU kernels in bf16, as training's --amp-eval")
     parser.add_argument("--tensorrt", action="store_true", help="--inference on a GPU: through TensorRT")
     parser.add_argument("--tta", choices=tta.LEVELS, default="none",
                         help="test-time augmentation (tta.py): flip, or flip_translate (configs/fast94.yaml's)")
@@ -77,8 +99,8 @@ def main(argv=None):
         if args.batch_size < 1 or args.num_workers < 0:
             raise errors.UserError(f"--batch-size must be at least 1 and --num-workers at least 0, "
                                    f"got {args.batch_size} and {args.num_workers}")
-        if (args.precision != "fp32" or args.tensorrt) and not args.inference:
-            raise errors.UserError("--precision and --tensorrt choose how paddle.inference runs the model: "
+        if (args.precision == "fp16" or args.tensorrt) and not args.inference:
+            raise errors.UserError("--precision fp16 and --tensorrt choose how paddle.inference runs the model: "
                                    "add --inference")
         path = checkpoint.resolve(args.ckpt)
         state = checkpoint.load(path)
@@ -87,6 +109,8 @@ def main(argv=None):
         args.split = args.split or ("val" if cfg.dataset == "folder" else "test")
         class_names = state["class_names"]
         dataset = eval_split(cfg, args, class_names)
+        if args.precision == "bf16" and not args.inference:
+            on_bf16_kernels(model)
         if args.inference:
             # the export may go once the predictor is made: create_predictor reads the model
             # and its weights into memory
@@ -106,7 +130,7 @@ def main(argv=None):
 
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{args.split}.png")
     result = dict(ckpt=path, model=cfg.model, epoch=state["epoch"], split=args.split, n=r["n"],
-                  path="paddle.inference" if args.inference else "dygraph", tta=args.tta,
+                  path="paddle.inference" if args.inference else "dygraph", precision=args.precision, tta=args.tta,
                   top1=r["top1"], top5=r["top5"], loss=r["loss"], images_per_s=r["images_per_s"],
                   per_class=dict(zip(class_names, r["per_class"])), confusion=r["confusion"].tolist(),
                   confusion_png=png)

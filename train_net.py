@@ -32,10 +32,10 @@ def choose_kernels(model, cfg, device, plan=None):
     if op is None:
         log(f"notice: training on Paddle's kernels ({why_not})")
         return "paddle"
-    n = cpu_kernels.use_in(model, dtype="bfloat16" if bf16 else "float32")
+    n = cpu_kernels.use_in(model, dtype="bfloat16" if bf16 else "float32", bf16_eval=cfg.amp_eval)
     if bf16:
         log(f"mixed precision: bf16 on {bf16} (activations and their gradients bf16; weights, their gradients, "
-            "BatchNorm statistics and the loss fp32; evaluation fp32)")
+            f"BatchNorm statistics and the loss fp32; evaluation {'bf16' if cfg.amp_eval else 'fp32'})")
         if plan.get("cpu_bf16_slower"):
             log(f"notice: {devices.SLOW_BF16}; drop --amp to train in fp32")
     log(f"CPU kernels: ours (cpu_kernels/; --cpu-kernels paddle for Paddle's), {n['layout'].upper()}: "
@@ -75,6 +75,25 @@ def convert_sync_bn(layer):
         else:
             convert_sync_bn(child)
     return layer
+
+
+def computing_like(model, trained):
+    """``model``, the same network built afresh (the best checkpoint's), computing as
+    ``trained`` does: each layer takes the kernel use_in gave its twin (a kernel takes
+    its layer as an argument), so it is evaluated on the same kernels, layout and dtype."""
+    for mine, theirs in zip(model.sublayers(include_self=True), trained.sublayers(include_self=True)):
+        for attr in ("kernel", "fork"):
+            if hasattr(theirs, attr):
+                setattr(mine, attr, getattr(theirs, attr))
+    return model
+
+
+def eval_precision(cfg):
+    """Where evaluation runs: on a GPU with --amp and --amp-eval, under auto_cast O1 in
+    --amp-dtype (PaddleClas's AMP use_fp16_test); otherwise as it is (fp32, or the CPU
+    kernels' bf16 that choose_kernels set with --amp-eval)."""
+    on_gpu = paddle.get_device().startswith("gpu")
+    return paddle.amp.auto_cast(enable=bool(cfg.amp and cfg.amp_eval and on_gpu), dtype=cfg.amp_dtype, level="O1")
 
 
 def model_for_eval(model, cfg, num_classes):

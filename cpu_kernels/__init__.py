@@ -61,14 +61,15 @@ def runs_nhwc(model, convs):
             and all(pool_covered(layer) for layer in pools))
 
 
-def use_in(model, dtype="float32", layout="nhwc"):
+def use_in(model, dtype="float32", layout="nhwc", bf16_eval=False):
     """Give the layers of ``model`` (built from models/layers.py) their kernels on our
     operators (load() must have succeeded): every covered Conv2D, every BatchNormAct2D and
     ResidualJoin, and, for a network of models/ with its pool and classifier whose
     convolutions and pools are all covered, the entry, the pools and the NHWC layout
     (``layout="nchw"`` keeps NCHW, where oneDNN reorders every convolution's activations). ``dtype="bfloat16"`` (NHWC only)
     trains with bf16 activations and gradients between the operators; weights, their
-    gradients, BN statistics and the classifier stay fp32, and evaluation runs in fp32.
+    gradients, BN statistics and the classifier stay fp32, and evaluation runs in fp32,
+    or with ``bf16_eval`` in bf16 as training does (the model in eval mode, without gradients).
     Returns how many layers took each kind of kernel, with the layout and dtype."""
     if not build.loaded.get("op"):
         raise RuntimeError("cpu_kernels.load() did not succeed: " + str(build.loaded.get("why_not")))
@@ -79,7 +80,7 @@ def use_in(model, dtype="float32", layout="nhwc"):
         raise ValueError("bfloat16 training runs on the NHWC path: a network of models/ with its pool and classifier")
     counts = dict(conv=0, norm=0, join=0, pool=0, layout="nhwc" if nhwc else "nchw", dtype=dtype)
     for layer in model.sublayers(include_self=True):
-        kind, kernel = kernel_for(layer, nhwc, dtype == "bfloat16", layers)
+        kind, kernel = kernel_for(layer, nhwc, dtype == "bfloat16", layers, bf16_eval)
         if hasattr(layer, "kernel"):  # ours: set anew, so a second use_in leaves no earlier kernel behind
             layer.kernel = kernel
         if kernel is not None:
@@ -92,7 +93,7 @@ def use_in(model, dtype="float32", layout="nhwc"):
     return counts
 
 
-def kernel_for(layer, nhwc, bf16, layers):
+def kernel_for(layer, nhwc, bf16, layers, bf16_eval=False):
     """(what it is, its kernel) for one layer of models/layers.py, or (None, None)."""
     bind = functools.partial
     if isinstance(layer, layers.Conv2D):
@@ -110,5 +111,5 @@ def kernel_for(layer, nhwc, bf16, layers):
     if isinstance(layer, layers.GlobalMaxPool2D):
         return "pool", bind(kernels.global_max_pool, nhwc=nhwc)
     if isinstance(layer, layers.InputCast):
-        return "entry", bind(kernels.entry, nhwc=nhwc, bf16=bf16)
+        return "entry", bind(kernels.entry, nhwc=nhwc, bf16=bf16, bf16_eval=bf16 and bf16_eval)
     return None, None

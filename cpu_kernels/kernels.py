@@ -129,12 +129,12 @@ def mean_pool(layer, x, nhwc):
     return x.astype("float32").mean(axis=[1, 2] if nhwc else [2, 3]).reshape([n, c, 1, 1])
 
 
-def entry(layer, x, nhwc, bf16):
-    """The image batch [N, 3, H, W] float32 in the network's layout, and in training in
-    bf16 (from the first convolution on; evaluation stays fp32)."""
+def entry(layer, x, nhwc, bf16, bf16_eval=False):
+    """The image batch [N, 3, H, W] float32 in the network's layout, and in bf16 (from the
+    first convolution on) in training, and in evaluation too with ``bf16_eval``."""
     if nhwc:
         x = x.transpose([0, 2, 3, 1])
-    return bf16_cast(x) if bf16 and layer.training else x
+    return bf16_cast(x) if bf16 and (layer.training or bf16_eval) else x
 
 
 def bf16_cast(x):

@@ -63,6 +63,19 @@ def test_o2_model_is_evaluated_from_an_fp32_copy():
     assert train_net.model_for_eval(reference, cfg_of(model="resnet20"), 10) is reference  # fp32 runs: no copy
 
 
+@pytest.mark.parametrize("device,amp,amp_eval,enabled", [("gpu:0", True, True, True), ("gpu:0", True, False, False),
+                                                         ("gpu:0", False, True, False), ("cpu", True, True, False)])
+def test_amp_eval_evaluates_under_auto_cast_on_a_gpu_only(monkeypatch, device, amp, amp_eval, enabled):
+    """--amp-eval on a GPU: evaluation under auto_cast O1 in --amp-dtype (the CPU's bf16
+    evaluation is our kernels' entry, set by choose_kernels); without it, or without --amp, fp32."""
+    calls = []
+    monkeypatch.setattr(paddle, "get_device", lambda: device)
+    monkeypatch.setattr(paddle.amp, "auto_cast", lambda **kw: calls.append(kw))
+    cfg = config.TrainConfig(amp=amp, amp_eval=amp_eval, amp_dtype="bfloat16")
+    train_net.eval_precision(cfg)
+    assert calls == [dict(enable=enabled, dtype="bfloat16", level="O1")]
+
+
 def test_load_weights_cannot_reach_an_o2_model_so_best_is_a_fresh_model(tmp_path):
     """Audit #3: load_weights writes into the hook's fp32 copies; the best checkpoint is
     therefore evaluated with a fresh model built from it (checkpoint.model_from_checkpoint)."""
