@@ -3,7 +3,7 @@
     python eval.py --ckpt runs/cifar10/best.pdckpt --data-file cifar-10-python.tar.gz
     python eval.py --ckpt runs/cifar10 --split val --json
     python eval.py --ckpt runs/cifar10 --inference --precision bf16   # a CPU with bf16 units
-    python eval.py --ckpt runs/cifar10 --precision bf16   # our CPU kernels in bf16, as --amp-eval
+    python eval.py --ckpt runs/cifar10 --precision bf16   # on our CPU kernels in bf16, as --amp-eval
     python eval.py --ckpt runs/finetune          # an image-folder run: its val split
 
 Prints top-1/top-5 accuracy, loss, per-class accuracy, the confusion matrix and
@@ -56,21 +56,29 @@ def eval_split(cfg, args, class_names):
     return dataset
 
 
-def on_bf16_kernels(model):
-    """``model`` evaluated in bf16 on our CPU kernels, as a run with --amp-eval evaluates."""
-    if not paddle.get_device().startswith("cpu"):
+def on_cpu_kernels(model, bf16, ours=True):
+    """``model`` evaluated as training evaluates it on the CPU: on our kernels (cpu_kernels/)
+    where they build (unless the run chose Paddle's, ``ours`` False), in fp32, or with
+    ``bf16`` in bf16 as a run with --amp-eval does; else in fp32 on Paddle's kernels, the
+    same figures to rounding, slower."""
+    on_cpu = paddle.get_device().startswith("cpu")
+    if bf16 and not on_cpu:
         raise errors.UserError("--precision bf16 without --inference runs on our CPU kernels: add --device cpu, "
                                "or --inference for paddle.inference on this GPU")
-    if devices.cpu_bf16_units(devices.cpu_flags()) is None:
+    if bf16 and devices.cpu_bf16_units(devices.cpu_flags()) is None:
         raise errors.UserError("--precision bf16 needs a CPU with avx512_bf16 or amx_bf16; this one has neither: "
                                "drop --precision")
+    if not on_cpu or not (ours or bf16):
+        return
     op, why_not = cpu_kernels.load()
-    if op is None:
+    if op is None and bf16:
         raise errors.UserError(f"--precision bf16 without --inference runs on our CPU kernels, which cannot be used "
                                f"here ({why_not}): add --inference")
+    if op is None:
+        return
     try:
-        cpu_kernels.use_in(model, dtype="bfloat16", bf16_eval=True)
-    except ValueError as e:  # a network whose layers our kernels do not all cover
+        cpu_kernels.use_in(model, dtype="bfloat16" if bf16 else "float32", bf16_eval=bf16)
+    except ValueError as e:  # bf16 needs a network whose layers our kernels all cover
         raise errors.UserError(f"{e}: add --inference for paddle.inference in bf16") from None
 
 
@@ -109,8 +117,8 @@ def main(argv=None):
         args.split = args.split or ("val" if cfg.dataset == "folder" else "test")
         class_names = state["class_names"]
         dataset = eval_split(cfg, args, class_names)
-        if args.precision == "bf16" and not args.inference:
-            on_bf16_kernels(model)
+        if not args.inference:
+            on_cpu_kernels(model, bf16=args.precision == "bf16", ours=cfg.cpu_kernels == "ours")
         if args.inference:
             # the export may go once the predictor is made: create_predictor reads the model
             # and its weights into memory
