@@ -25,6 +25,11 @@ def recipe(**overrides):
     return config.make_config(dict(config.load_yaml(RECIPE), **overrides))
 
 
+def test_the_residual_recipe_is_the_muon_recipe_on_fast_resnet9_for_10_epochs():
+    residual = config.load_yaml(os.path.join(os.path.dirname(RECIPE), "fast94_resnet9.yaml"))
+    assert residual == dict(config.load_yaml(RECIPE), model="fast_resnet9", epochs=10)
+
+
 # ------------------------------------------------------------------------- the step
 def orthogonalize_numpy(g, steps=3, eps=1e-7):
     """airbench94_muon.py's zeropower_via_newtonschulz5, in float64."""
