@@ -491,9 +491,10 @@ def test_every_network_on_our_kernels_is_paddles_to_rounding(name, stem, size, t
     if not training:  # evaluation runs in fp32: as the fp32 kernels, to the bit
         np.testing.assert_array_equal(logits16, logits)
         cpu_kernels.use_in(model, dtype="bfloat16", bf16_eval=True)  # and with --amp-eval in bf16
+        rounded_model.eval()  # (2.6's eval() returns None)
         with paddle.no_grad():  # as evaluate() runs: BatchNorm on the operator's inference pass
             evaluated = model(x).numpy()
-            rounded_logits = rounded_model.eval()(paddle.to_tensor(round_to_bf16(images))).numpy()
+            rounded_logits = rounded_model(paddle.to_tensor(round_to_bf16(images))).numpy()
         assert not np.array_equal(evaluated, logits)
         assert relative(evaluated, want_logits) <= 4 * relative(rounded_logits, want_logits)
         return
@@ -867,8 +868,10 @@ def test_a_fresh_copy_computing_like_the_trained_model_gives_its_logits_to_the_b
     fresh = models.resnet20()
     fresh.set_state_dict(trained.state_dict())
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32))
+    trained.eval()
+    fresh.eval()
     with paddle.no_grad():
-        want, on_paddles = trained.eval()(x).numpy(), fresh.eval()(x).numpy()
+        want, on_paddles = trained(x).numpy(), fresh(x).numpy()
         got = train_net.computing_like(fresh, trained)(x).numpy()
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(on_paddles, want)  # fp32 on Paddle's kernels: not what it was trained to compute
