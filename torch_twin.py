@@ -15,7 +15,8 @@ import torch.nn.functional as TF
 # convolutions inside each group's shortcut, the head's scale)
 FAST = dict(fast_resnet=(True, (64, 256, 256), (1, 1, 1), 1 / 9), fast_plain=(False, (64, 256, 256), (1, 1, 1), 1 / 9),
             fast_resnet_small=(True, (64, 128, 128), (1, 1, 1), 1 / 9),
-            fast_resnet9=(True, (64, 256, 256), (1, 1, 2), 1 / 13))
+            fast_resnet9=(True, (64, 256, 256), (1, 1, 2), 1 / 13),
+            fast_plain9=(False, (64, 256, 256), (1, 1, 2), 1 / 13))
 # the networks written here: the ImageNet-family ResNets, the paper's CIFAR ones, the fast ones
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
           "resnet20", "resnet32", "resnet44", "resnet56", "resnet110") + tuple(FAST)

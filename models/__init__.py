@@ -6,7 +6,7 @@ Importing this package changes nothing in the process; the CPU settings the scri
 # Paddle 2.6 bundles a zlib that, loaded before Pillow's, breaks Pillow's PNG decoding and
 # can crash the process (inflateReset2): Pillow first, whoever imports models first.
 import PIL.Image  # noqa: F401
-from .fast_resnet import ConvGroup, FastResNet, fast_plain, fast_resnet, fast_resnet9, fast_resnet_small
+from .fast_resnet import ConvGroup, FastResNet, fast_plain, fast_plain9, fast_resnet, fast_resnet9, fast_resnet_small
 from .layers import (BatchNormAct2D, Conv2D, GlobalAvgPool2D, GlobalMaxPool2D, InputCast, MaxPool2D, ResidualJoin,
                      block_inputs)
 from .registry import CIFAR_ONLY, MODELS, get_model

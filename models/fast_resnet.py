@@ -14,7 +14,8 @@ What differs from airbench94, and why:
   them here): our convolution has no bias, and whitened patches already have unit variance.
 - the exact GELU in every group (airbench's nn.GELU() is the exact one too).
 - ``fast_resnet9`` (for the Muon recipe): a third conv inside the last group's shortcut,
-  branches that start from PyTorch's default, the head at 1/13 (its factory says why).
+  branches that start from PyTorch's default, the head at 1/13 (its factory says why);
+  ``fast_plain9`` is it without its shortcuts, for the comparison.
 
 Initialisation is PyTorch's default, which airbench's learning rates are tuned for:
 weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Paddle's default is a normal 2.4x wider, and
@@ -199,6 +200,13 @@ def fast_resnet9(num_classes=10, stem="cifar", zero_init_residual=False, **kwarg
     """
     defaults = dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13)
     return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **{**defaults, **kwargs})
+
+
+def fast_plain9(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
+    """fast_resnet9 without its shortcuts, all else its own (the branches' start, the third
+    conv, the head at 1/13): what the shortcuts buy configs/fast94_resnet9.yaml."""
+    defaults = dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13, shortcut=False)
+    return _fast("fast_plain9", num_classes, stem, zero_init_residual, **{**defaults, **kwargs})
 
 
 def fast_resnet_small(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):

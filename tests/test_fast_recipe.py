@@ -108,6 +108,28 @@ def test_fast_resnet9_adds_a_convolution_inside_the_last_shortcut():
         models.FastResNet(branch_convs=(1, 2))  # zip would have built two groups
 
 
+def test_fast_plain9_is_fast_resnet9_without_its_shortcuts():
+    paddle.seed(0)
+    residual = models.fast_resnet9()
+    paddle.seed(0)
+    plain = models.fast_plain9()
+    assert not any(isinstance(m, models.ResidualJoin) for m in plain.sublayers())
+    # the same weights, drawn alike: the joins have none
+    for (name, a), (other, b) in zip(residual.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert name == other
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    assert plain.scale == 1 / 13
+    assert "fast_plain9" in models.CIFAR_ONLY and "fast_plain9" in models.registry.FROZEN_SCALE
+    from models.summary import summary
+    assert summary(plain, 32, print_fn=None)["macs"] == 123_455_776  # fast_resnet9's: a join is no multiply-add
+    # the last group is pooled -> conv2 -> conv3, and nothing added
+    plain.eval()
+    group, x = plain.groups[2], paddle.rand([2, 256, 7, 7])
+    pooled = group.bn1(group.pool(group.conv1(x)))
+    np.testing.assert_allclose(group(x).numpy(), group.bn3(group.conv3(group.bn2(group.conv2(pooled)))).numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_fast_resnet9s_third_convolution_is_inside_the_shortcut():
     """Its last group is pooled -> conv2 -> conv3, plus the pooled input."""
     paddle.seed(0)

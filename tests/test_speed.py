@@ -78,7 +78,8 @@ def test_training_with_device_loader_resumes_exactly(archive, tmp_path, monkeypa
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet18", "fast_resnet", "fast_plain", "fast_resnet_small", "fast_resnet9"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "fast_resnet", "fast_plain", "fast_resnet_small", "fast_resnet9",
+                                  "fast_plain9"])
 def test_paddle_vision_and_torch_models_match_ours_in_size(name):
     ours = bench.paddle_model(bench.IMPLS["ours"], name, "cifar", 10)
     n = sum(p.size for p in ours.parameters() if not p.stop_gradient)
