@@ -406,7 +406,8 @@ def test_model_outputs_and_names_are_unchanged_by_the_switch():
 # size). The ImageNet stem at 64 pixels keeps Paddle's kernels quick; its last stage is
 # still 2x2. ResNet-56, plain-56 and ResNet-34 are left out: their layers are those of
 # ResNet-20/110, plain-20 and ResNet-18 in other numbers (their shapes are in SHAPES),
-# and they took about 15 s of each of CI's two suites with the operators.
+# and they took about 15 s of each of CI's two suites with the operators. fast_plain9 is
+# fast_resnet9 without its joins: its layers are there.
 NETWORKS = [("resnet20", "cifar", 32), ("resnet110", "cifar", 32), ("plain20", "cifar", 32),
             ("resnet18", "cifar", 32), ("resnet18", "imagenet", 64),
             ("resnet50", "cifar", 32),
