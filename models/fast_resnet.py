@@ -186,6 +186,10 @@ def fast_plain(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs)
     return _fast("fast_plain", num_classes, stem, zero_init_residual, shortcut=False, **kwargs)
 
 
+# fast_resnet9's settings, which fast_plain9 shares
+RESNET9 = dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13)
+
+
 def fast_resnet9(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
     """The residual network for the Muon recipe (configs/fast94_resnet9.yaml; its final
     runs are in docs/results.md): fast_resnet with a third convolution in its last
@@ -198,16 +202,14 @@ def fast_resnet9(num_classes=10, stem="cifar", zero_init_residual=False, **kwarg
     >>> fast_resnet9()(paddle.rand([1, 3, 32, 32])).shape
     [1, 10]
     """
-    defaults = dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13)
-    return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **{**defaults, **kwargs})
+    return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **{**RESNET9, **kwargs})
 
 
 def fast_plain9(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
     """fast_resnet9 without its shortcuts, all else its own (the branches' start, the third
     conv, the head at 1/13): what the shortcuts buy configs/fast94_resnet9.yaml. Test set,
     seeds 0-2: 94.20% against fast_resnet9's 94.26% (docs/results.md)."""
-    defaults = dict(branch_convs=(1, 1, 2), dirac_branch=False, scale=1 / 13, shortcut=False)
-    return _fast("fast_plain9", num_classes, stem, zero_init_residual, **{**defaults, **kwargs})
+    return _fast("fast_plain9", num_classes, stem, zero_init_residual, **{**RESNET9, "shortcut": False, **kwargs})
 
 
 def fast_resnet_small(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
