@@ -175,7 +175,7 @@ def _fast(name, num_classes, stem, zero_init_residual, **kwargs):
 def fast_resnet(num_classes=10, stem="cifar", zero_init_residual=False, **kwargs):
     """The fast CIFAR network with identity shortcuts (configs/fast94.yaml).
 
-    >>> fast_resnet()(paddle.rand([1, 3, 32, 32])).shape
+    >>> list(fast_resnet()(paddle.rand([1, 3, 32, 32])).shape)
     [1, 10]
     """
     return _fast("fast_resnet", num_classes, stem, zero_init_residual, **kwargs)
@@ -199,7 +199,7 @@ def fast_resnet9(num_classes=10, stem="cifar", zero_init_residual=False, **kwarg
     fast_plain's (rms 2.92 against 1.96, seeds 0-2), and 9 x 1.49 = 13.4. On the
     45,000/5,000 split, seed 0, Muon for 8 epochs: val 93.26% (fast_resnet 92.46%, fast_plain 92.98%).
 
-    >>> fast_resnet9()(paddle.rand([1, 3, 32, 32])).shape
+    >>> list(fast_resnet9()(paddle.rand([1, 3, 32, 32])).shape)
     [1, 10]
     """
     return _fast("fast_resnet9", num_classes, stem, zero_init_residual, **{**RESNET9, **kwargs})

@@ -253,7 +253,7 @@ def _cifar_net(depth, shortcut, num_classes=10, stem="cifar", **kwargs):
 def resnet18(num_classes=1000, stem="imagenet", **kwargs):
     """ResNet-18. ``resnet18(num_classes=10, stem="cifar")`` for 32x32 images.
 
-    >>> resnet18()(paddle.rand([1, 3, 224, 224])).shape
+    >>> list(resnet18()(paddle.rand([1, 3, 224, 224])).shape)
     [1, 1000]
     """
     return _resnet(18, num_classes, stem, **kwargs)
