@@ -1,4 +1,5 @@
-"""Tiny datasets in the official layouts, built by the tests themselves."""
+"""Tiny datasets in the official layouts, built by the tests themselves, and what the
+tests share around a run: interrupting it, reading its checkpoints, the CI suites' marks."""
 import io
 import os
 import pickle
@@ -6,6 +7,8 @@ import tarfile
 
 import numpy as np
 import pytest
+
+import checkpoint
 
 
 def write_pickles(path, files):
@@ -98,6 +101,11 @@ def interrupt_in_epoch(train_one_epoch, epoch, step):
             loader = Interrupt(loader, step)
         return train_one_epoch(training, loader, this_epoch)
     return wrapped
+
+
+def checkpoint_weights(path):
+    """A checkpoint's model weights as NumPy arrays, by parameter name."""
+    return {k: np.asarray(v) for k, v in checkpoint.load(path)["model"].items()}
 
 
 # A test of nothing that depends on which CPU kernels train: CI's suite without the oneDNN

@@ -19,7 +19,7 @@ import lookahead
 import models
 import train_cifar10
 import tta
-from helpers import interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
+from helpers import checkpoint_weights, interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "fast94.yaml")
 TINY = ["--config", RECIPE, "--epochs", "2", "--batch-size", "32", "--val-size", "40", "--log-every", "2"]
@@ -278,10 +278,6 @@ def test_translate_flip_without_the_device_loader_is_one_line(archive, tmp_path)
 
 
 # ------------------------------------------------------------------------- end to end
-def weights(path):
-    return {k: np.asarray(v) for k, v in checkpoint.load(path)["model"].items()}
-
-
 @pytest.fixture(scope="module")
 def straight_run(archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("fast")
@@ -310,7 +306,8 @@ def test_a_stopped_run_resumes_to_the_bit(archive, straight_run, tmp_path, monke
         train_cifar10.main(TINY + ["--data-file", archive, "--output-dir", str(tmp_path)])
     monkeypatch.setattr(engine, "train_one_epoch", original)
     train_cifar10.main(["--resume", str(tmp_path)])
-    resumed, straight = weights(str(tmp_path / "last.pdckpt")), weights(str(straight_run / "last.pdckpt"))
+    resumed = checkpoint_weights(str(tmp_path / "last.pdckpt"))
+    straight = checkpoint_weights(str(straight_run / "last.pdckpt"))
     for k in straight:
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
     assert yaml.safe_load(open(tmp_path / "results.yaml"))["final_test_acc"] == \

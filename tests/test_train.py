@@ -17,7 +17,7 @@ import errors
 import progress
 import eval as eval_script
 import train_cifar10
-from helpers import interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
+from helpers import checkpoint_weights, interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
 
 FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
         "--num-workers", "0", "--log-every", "2"]
@@ -26,10 +26,6 @@ FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-siz
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     return make_cifar_archive(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz", n_train=200, n_test=60)
-
-
-def weights(path):
-    return {k: np.asarray(v) for k, v in checkpoint.load(path)["model"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,8 @@ def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_pat
     capsys.readouterr()
     train_cifar10.main(["--resume", str(tmp_path)])
     assert re.search(r"training done in \S+ \(this session; its \d+ epochs took \S+ in all\)", capsys.readouterr().out)
-    resumed, straight = weights(str(tmp_path / "last.pdckpt")), weights(str(straight_run / "last.pdckpt"))
+    resumed = checkpoint_weights(str(tmp_path / "last.pdckpt"))
+    straight = checkpoint_weights(str(straight_run / "last.pdckpt"))
     assert resumed.keys() == straight.keys()
     for k in straight:
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
@@ -106,7 +103,8 @@ def test_ctrl_c_and_resume_give_identical_weights(archive, straight_run, tmp_pat
 def test_workers_do_not_change_the_run(archive, straight_run, tmp_path):
     args = [a if a != "0" else "2" for a in FAST]  # --num-workers 2
     train_cifar10.main(args + ["--data-file", archive, "--output-dir", str(tmp_path), "--epochs", "2"])
-    a, b = weights(str(tmp_path / "last.pdckpt")), weights(str(straight_run / "last.pdckpt"))
+    a = checkpoint_weights(str(tmp_path / "last.pdckpt"))
+    b = checkpoint_weights(str(straight_run / "last.pdckpt"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
