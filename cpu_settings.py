@@ -110,6 +110,9 @@ if cpu_info("vendor_id") == "AuthenticAMD":
 #   of the process's CPU time in the kernel (counted with getrusage; README, Speed).
 #   No mmap for large blocks and no trimming keeps them for the next step; the cost is that
 #   the resident memory stays at its peak (README, Speed). Must run before Paddle allocates.
+#   Trimming is off (-1, mallopt(3)), not a high threshold: with 1 GiB, fast_resnet9's fp32
+#   step at batch 2000 still gave back its freed top, 314k page faults a step (534 img/s;
+#   with -1, 23k and 579 img/s: docs/speed.md).
 def keep_freed_memory():
     if not TUNED or not sys.platform.startswith("linux"):
         return False
@@ -120,7 +123,7 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, -1)
                 and libc.mallopt(M_TOP_PAD, 256 * 2 ** 20))
 
 
