@@ -10,6 +10,9 @@ import pytest
 
 import checkpoint
 
+# The repository: where the tests run our scripts from.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def write_pickles(path, files):
     """A .tar.gz at ``path`` holding each {name: object} pickled, as the CIFAR archives are."""

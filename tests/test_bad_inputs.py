@@ -24,9 +24,8 @@ import export as export_script
 import finetune
 import predict
 import train_cifar10
-from helpers import kernel_independent, make_cifar_archive, make_image_folder
+from helpers import ROOT, kernel_independent, make_cifar_archive, make_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
 TUNE = ["--model", "resnet20", "--stem", "cifar", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
         "--num-workers", "0", "--pretrained", "none"]

@@ -16,9 +16,8 @@ import errors
 import eval as eval_script
 import predict
 import train_cifar10
-from helpers import make_cifar100_archive, make_cifar_archive, make_image_folder
+from helpers import ROOT, make_cifar100_archive, make_cifar_archive, make_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--epochs", "1", "--batch-size", "50", "--num-workers", "0", "--log-every", "100"]
 
 

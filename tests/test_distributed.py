@@ -14,9 +14,8 @@ import checkpoint
 import eval as eval_script
 import finetune
 import train_cifar10
-from helpers import kernel_independent, make_cifar_archive, make_image_folder, once_with_the_operators
+from helpers import ROOT, kernel_independent, make_cifar_archive, make_image_folder, once_with_the_operators
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # On a GPU build Paddle's launcher puts its processes on GPUs (launch/context/device.py):
 # these CPU launches are for a CPU build
 pytestmark = pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="a GPU build's launcher places ranks on GPUs")

@@ -13,9 +13,8 @@ import pytest
 import export
 import files
 import train_cifar10
-from helpers import kernel_independent, make_cifar_archive, once_with_the_operators
+from helpers import ROOT, kernel_independent, make_cifar_archive, once_with_the_operators
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = kernel_independent
 TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
 
@@ -249,7 +248,6 @@ def test_an_image_over_pils_size_limit_is_skipped_and_the_others_predicted(finis
     results = predict.main(["--ckpt", str(finished_run), str(folder), "--device", "cpu"])
     assert [os.path.basename(p) for p, _ in results] == ["a.png", "b.png"]
     assert f"skipped {folder / 'bomb.png'}: cannot read image (ImageTooLarge)" in capsys.readouterr().err
-
 
 
 def test_a_notebooks_own_config_module_is_named_in_one_line(tmp_path):

@@ -12,7 +12,7 @@ import export as export_script
 import finetune
 import models
 import predict
-from helpers import interrupt_in_epoch, make_image_folder
+from helpers import checkpoint_weights, interrupt_in_epoch, make_image_folder
 from models.convert import torchvision_to_paddle
 from models.weights import pretrained_state
 
@@ -46,7 +46,7 @@ def run_full(folder, pretrained, tmp_path_factory):
 
 
 def trained(out):
-    return {k: np.asarray(v) for k, v in checkpoint.load(str(out / "last.pdckpt"))["model"].items()}
+    return checkpoint_weights(str(out / "last.pdckpt"))
 
 
 def bf16_training_runs_here():

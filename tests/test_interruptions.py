@@ -23,9 +23,8 @@ import finetune
 import cpu_kernels
 from cpu_kernels import build
 import train_cifar10
-from helpers import kernel_independent, make_cifar_archive, make_image_folder, once_with_the_operators
+from helpers import ROOT, kernel_independent, make_cifar_archive, make_image_folder, once_with_the_operators
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--batch-size", "40", "--val-size", "40", "--num-workers", "0", "--log-every", "1"]
 
 

@@ -4,9 +4,7 @@ import os
 
 import pytest
 
-from helpers import make_cifar_archive
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, make_cifar_archive
 
 
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 
-from helpers import kernel_free
+from helpers import ROOT, kernel_free
 
 pytestmark = kernel_free  # --help and command lines refused before any step: alike in both Paddle 2.6 suites
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_cifar10.py", "finetune.py", "eval.py", "predict.py", "export.py", "bench.py", "degradation.py",
            "check_env.py")
 

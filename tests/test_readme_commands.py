@@ -9,7 +9,8 @@ import shlex
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 READMES = ("README.md", "README_cn.md")
 
 

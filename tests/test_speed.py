@@ -16,9 +16,7 @@ import engine
 import errors
 import models
 import train_cifar10
-from helpers import interrupt_in_epoch, kernel_independent, make_cifar_archive
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, interrupt_in_epoch, kernel_independent, make_cifar_archive
 
 
 @pytest.fixture(scope="module")
