@@ -276,11 +276,17 @@ def make_loader(dataset, batch_size, num_workers, batches=None):
         batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     loader = paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                   use_shared_memory=not shm_too_small(num_workers),
-                                  worker_init_fn=leave_stop_signals_to_the_main_process if num_workers else None)
+                                  worker_init_fn=start_worker if num_workers else None)
     return Checked(loader, dataset)
 
 
-def leave_stop_signals_to_the_main_process(worker_id):
+def start_worker(worker_id):
+    """A DataLoader worker's first step (its worker_init_fn)."""
+    leave_stop_signals_to_the_main_process()
+    end_with_the_main_process()
+
+
+def leave_stop_signals_to_the_main_process():
     """In a DataLoader worker, SIGTERM ends the worker quietly, as Ctrl-C does. Paddle's
     worker start installs a C++ handler that prints a "FatalError: Termination signal"
     banner and dies of the signal, and the main process then stops with "DataLoader
@@ -288,6 +294,27 @@ def leave_stop_signals_to_the_main_process(worker_id):
     (timeout, Slurm, docker stop), SIGTERM reaches the main process too, which saves."""
     import signal
     signal.signal(signal.SIGTERM, quiet_worker_exit)
+
+
+def end_with_the_main_process(every=1.0):
+    """In a DataLoader worker, a thread that ends the worker within ``every`` seconds of
+    the main process's end. Paddle's worker loop means to (its ParentWatchDog), but it
+    waits for work with ``indices_queue.get(MP_STATUS_CHECK_INTERVAL)``, whose first
+    argument is ``block``, not ``timeout``: it blocks for good (Paddle 2.6 and 3.3,
+    io/dataloader/worker.py). So after a kill -9 or the kernel's out-of-memory kill of
+    the main process, its workers stayed, each holding its memory, until the machine
+    restarted. It removes the worker's shared-memory batches from /dev/shm, as the end of
+    Paddle's worker loop does, and exits: nothing is left to hand a batch to."""
+    import threading
+    import time
+    main_pid = multiprocessing.parent_process().pid
+
+    def watch():
+        while os.getppid() == main_pid:
+            time.sleep(every)
+        paddle.base.core._cleanup_mmap_fds()
+        os._exit(0)
+    threading.Thread(target=watch, name="end-with-the-main-process", daemon=True).start()
 
 
 def quiet_worker_exit(signum, frame):

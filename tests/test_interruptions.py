@@ -168,6 +168,51 @@ def test_sigterm_to_the_process_group_with_workers_saves_the_position(archive, t
     assert not list(out.glob(".*.tmp"))
 
 
+def children_of(pid):
+    """The processes whose parent is ``pid``, from /proc."""
+    kids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def running(pid):
+    """Whether ``pid`` exists and has not ended (a zombie has ended: nothing reaps it here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the processes from /proc (Linux)")
+@kernel_independent
+def test_kill_9_of_the_main_process_ends_its_workers(archive, tmp_path):
+    """The kernel's out-of-memory kill of the main process left its DataLoader workers
+    waiting for work for good, each holding its memory (data.end_with_the_main_process)."""
+    proc = start(script("train_cifar10.py", *TINY, "--num-workers", "2", "--epochs", "50", "--data-file", archive,
+                        "--output-dir", tmp_path / "run"))
+    wait_for(proc, "epoch 1 step 2/", [])
+    workers = children_of(proc.pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if running(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)  # not left to outlive the tests
+    assert len(workers) == 2 and not left, (workers, left)
+    shm = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    assert not [f for f in shm for w in workers if f.startswith(f"paddle_{w}_")]  # their batches gone too
+
+
 @once_with_the_operators  # our handler's: alike on Paddle 2.6, whose SIGTERM other tests send
 def test_a_second_sigterm_while_the_interrupt_checkpoint_is_written(archive, tmp_path):
     slow = "import checkpoint, time; save = checkpoint.save_run\n" \
