@@ -30,6 +30,8 @@ def main(argv=None):
         if existing and not args.overwrite:
             raise errors.UserError(f"--output {args.output} already holds an export ({', '.join(sorted(existing))}); "
                                    "pick another directory, or add --overwrite to replace it")
+        if args.format == "onnx":
+            predictors.onnx_converter()  # before any work: a missing converter is one line, and no folder made
         with checkpoint.on_cpu():  # and back: in a notebook the next cell keeps its GPU (GPU audit 2, N10)
             predictor = predictors.CheckpointPredictor(checkpoint.resolve(args.ckpt), device="cpu")
         # written aside and moved in at the end: a stop or a failure leaves --output as it was

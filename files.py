@@ -64,20 +64,24 @@ def replacing(path):
 def writing_into(folder):
     """Yield a temporary folder inside ``folder`` (made if missing) to write files into;
     then move each onto its name in ``folder``. A failure or a stop before that removes the
-    temporary folder and leaves ``folder``'s files as they were; an OSError is one UserError."""
+    temporary folder, and ``folder`` too if it was made here and is still empty, and leaves
+    ``folder``'s files as they were; an OSError is one UserError."""
+    made_here, tmp, done = not os.path.isdir(folder), None, False
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".writing.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise UserError(why_not_written(folder, e))
-    try:
         yield tmp
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        done = True
     except OSError as e:
-        raise UserError(why_not_written(folder, e) + "; what was saved before is intact")
+        raise UserError(why_not_written(folder, e) + ("; what was saved before is intact" if tmp else ""))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if made_here and not done:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only an empty folder goes: one that nothing was moved into
 
 
 def write_text(path, text):

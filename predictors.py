@@ -50,10 +50,9 @@ def export(predictor, output_dir, program=False, shipped_to=None):
     size = predictor.preprocess["crop"]
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     prefix = os.path.join(output_dir, "model")
-    if program and hasattr(paddle.pir_utils, "OldIrGuard"):  # 3.x; 2.x writes a model.pdmodel anyway
-        with paddle.pir_utils.OldIrGuard(), output_to(os.devnull):  # (it says "New Executor is Running")
-            paddle.jit.save(predictor.model, prefix, input_spec=spec)
-    else:
+    old_ir = program and hasattr(paddle.pir_utils, "OldIrGuard")  # 3.x; 2.x writes a model.pdmodel anyway
+    # quiet: 3.x's saver says "New Executor is Running" or "PIR not support input out tensor for now!!!!!"
+    with paddle.pir_utils.OldIrGuard() if old_ir else contextlib.nullcontext(), output_to(os.devnull):
         paddle.jit.save(predictor.model, prefix, input_spec=spec)
     with open(os.path.join(output_dir, META), "w") as f:
         json.dump(dict(model=predictor.cfg.model, class_names=predictor.class_names,
@@ -66,20 +65,34 @@ ONNX_OPSET = 13  # onnxruntime runs every opset from 7; 13 has every op a ResNet
 ONNX_NEEDS = "pip install -r requirements-onnx.txt"
 
 
-def export_onnx(model_dir):
-    """Convert the export in ``model_dir`` (model.json + model.pdiparams) to model.onnx
-    beside it with paddle2onnx (batch size dynamic). Returns its path."""
-    if not os.path.isfile(os.path.join(model_dir, "model.json")):
-        raise UserError(f"ONNX export needs Paddle 3.x: paddle2onnx 2.x reads its model.json, and this is Paddle "
-                        f"{paddle.__version__}; use Paddle 3.x, or export without --format onnx")
+def onnx_needs_paddle3():
+    return (f"ONNX export needs Paddle 3.x: paddle2onnx 2.x reads its model.json, and this is Paddle "
+            f"{paddle.__version__}; use Paddle 3.x, or export without --format onnx")
+
+
+def onnx_converter():
+    """The paddle2onnx module, or one UserError: it converts Paddle 3.x exports only, and
+    it is an optional install."""
+    if paddle.__version__.startswith("2."):
+        raise UserError(onnx_needs_paddle3())
     try:
         import paddle2onnx
     except ImportError:
         raise UserError(f"--format onnx needs paddle2onnx: {ONNX_NEEDS}")
+    return paddle2onnx
+
+
+def export_onnx(model_dir):
+    """Convert the export in ``model_dir`` (model.json + model.pdiparams) to model.onnx
+    beside it with paddle2onnx (batch size dynamic). Returns its path."""
+    if not os.path.isfile(os.path.join(model_dir, "model.json")):
+        raise UserError(onnx_needs_paddle3())
+    paddle2onnx = onnx_converter()
     path = os.path.join(model_dir, "model.onnx")
     try:  # optimize_tool "none": its default (polygraphy) would pip-install packages to fold constants
-        paddle2onnx.export(os.path.join(model_dir, "model.json"), os.path.join(model_dir, "model.pdiparams"), path,
-                           opset_version=ONNX_OPSET, enable_onnx_checker=True, optimize_tool="none")
+        with output_to(os.devnull):  # its progress lines name the temporary folder: export.py says where it went
+            paddle2onnx.export(os.path.join(model_dir, "model.json"), os.path.join(model_dir, "model.pdiparams"),
+                               path, opset_version=ONNX_OPSET, enable_onnx_checker=True, optimize_tool="none")
     except Exception as e:
         raise UserError(f"paddle2onnx could not convert {model_dir} ({type(e).__name__}: {str(e)[:200]})")
     return path

@@ -164,16 +164,36 @@ def finished_run(archive, tmp_path_factory):
     return out
 
 
+def export_stopped_after_its_save(ckpt, out):
+    """export.py --ckpt ckpt --output out, sent SIGTERM once the model and meta.json are
+    written (into the temporary folder): (exit status, output)."""
+    slow = ("import predictors, time; save = predictors.export\n"
+            "def slow(*a, **k):\n    save(*a, **k); print('SAVED', flush=True); time.sleep(30)\n"
+            "predictors.export = slow")
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_settings, export\n{slow}\nexport.main(sys.argv[1:])"
+    return run_until(["-c", code, "--ckpt", str(ckpt), "--output", str(out)], "SAVED",
+                     lambda proc: proc.send_signal(signal.SIGTERM))
+
+
 def test_sigterm_during_export_leaves_the_folder_as_it_was(finished_run, tmp_path):
     out = tmp_path / "exported"
-    slow = ("import paddle, time; save = paddle.jit.save\n"
-            "def slow(*a, **k):\n    save(*a, **k); print('SAVED', flush=True); time.sleep(30)\n"
-            "paddle.jit.save = slow")
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import cpu_settings, export\n{slow}\nexport.main(sys.argv[1:])"
-    status, text = run_until(["-c", code, "--ckpt", str(finished_run), "--output", str(out)], "SAVED",
-                             lambda proc: proc.send_signal(signal.SIGTERM))
+    status, text = export_stopped_after_its_save(finished_run, out)
     assert status == 143 and one_line_error(text) == "terminated: nothing was saved", text
-    assert os.listdir(out) == []  # no model.json, model.pdiparams or meta.json, no temporary folder
+    assert not out.exists()  # the folder the export made goes too: no model.*, meta.json or temporary folder
+
+
+def test_sigterm_during_export_into_a_folder_that_was_there_keeps_it(finished_run, tmp_path):
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    status, text = export_stopped_after_its_save(finished_run, out)
+    assert status == 143 and os.listdir(out) == ["notes.txt"], text
+
+
+def test_an_export_prints_its_own_line_alone(finished_run, tmp_path):
+    out = tmp_path / "exported"
+    code, text = run("export.py", "--ckpt", str(finished_run), "--output", str(out))
+    assert code == 0 and text.splitlines() == [f"exported {out}/model.* and {out}/meta.json"], text  # no Paddle warning
 
 
 def test_export_into_a_folder_it_cannot_write_is_one_line(finished_run, tmp_path, monkeypatch):
@@ -187,6 +207,7 @@ def test_export_into_a_folder_it_cannot_write_is_one_line(finished_run, tmp_path
     with pytest.raises(SystemExit) as e:
         export.main(["--ckpt", str(finished_run), "--output", str(out)])
     assert str(e.value.code) == f"error: could not write {out} (Permission denied: make {tmp_path} writable)"
+    assert not out.exists()  # made for the export, and left empty: removed
 
 
 def test_an_export_replaced_with_overwrite_is_whole(finished_run, tmp_path):

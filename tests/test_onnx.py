@@ -2,7 +2,7 @@
 deploy with onnxruntime. Both are optional (requirements-onnx.txt); CI installs them with
 Paddle 3.x. paddle2onnx 2.x reads Paddle 3.x exports only: Paddle 2.6 is refused."""
 import json
-import os
+import sys
 
 import numpy as np
 import paddle
@@ -105,6 +105,16 @@ def test_a_missing_onnx_package_or_file_is_one_line(tmp_path, monkeypatch):
         predictors.OnnxPredictor(str(tmp_path / "model.onnx"))
     with pytest.raises(errors.UserError, match="no such file; make it with export.py --format onnx"):
         predictors.OnnxPredictor(str(tmp_path / "none.onnx"))
+
+
+def test_export_without_paddle2onnx_stops_before_any_work(tmp_path, monkeypatch):
+    ckpt, _ = checkpoint_of(tmp_path, "resnet20", ["a", "b"], 32)
+    monkeypatch.setitem(sys.modules, "paddle2onnx", None)  # an import of it raises ImportError
+    out = tmp_path / "e"
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", ckpt, "--output", str(out), "--format", "onnx"])
+    needs = "error: --format onnx needs paddle2onnx: pip install" if P3 else "error: ONNX export needs Paddle 3.x"
+    assert str(e.value.code).startswith(needs) and not out.exists()  # no folder made
 
 
 @pytest.mark.skipif(P3, reason="Paddle 2.6 writes model.pdmodel, which paddle2onnx 2.x does not read")
