@@ -6,6 +6,7 @@ it trains is train_net.py's, what a run saves checkpoint.py's, how batches are m
 data.py's, what it prints progress.py's, the options config.py's.
 """
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ import errors
 import files
 import launch
 import lookahead
+import memory
 import metrics
 import muon
 import progress
@@ -293,6 +295,8 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
         if hasattr(model, "init_whitening") and resume_state is None:  # the fast network's first layer
             model.init_whitening(data.first_images(loaded.splits["train"], WHITENING_IMAGES, cfg))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
+    if device == "cpu":
+        check_memory(model, cfg, len(loaded.splits["train"]), world, rank)
     batches = data.TrainBatches(loaded.splits["train"], cfg, world, rank)
     opt, sched = build_optimizer(cfg, parameter_groups(model, parameters, cfg), batches.per_epoch,
                                  lr_scale=world if cfg.scale_lr else 1)
@@ -320,6 +324,16 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
     training = Training(cfg, net, opt, sched, scaler, run, world, board, estimate, averaging,
                         stop_every=1 if device == "cpu" else cfg.log_every)
     return model, training, batches, kernels
+
+
+def check_memory(model, cfg, n_train, world, rank):
+    """Before the first step on a CPU: a step that cannot fit in the free memory is one
+    error, one that may not is a warning (memory.py)."""
+    batch = min(cfg.batch_size, math.ceil(n_train / world))
+    image_size = cfg.image_size if cfg.dataset == "folder" else 32
+    warning = memory.check_step_fits(model, cfg.model, batch, image_size, bytes_per_value=2 if cfg.amp else 4)
+    if warning and rank == 0:
+        log(warning)
 
 
 def train_epochs(training, model, batches, loaded, rank):
