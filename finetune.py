@@ -39,11 +39,20 @@ def freeze(layer):
 def apply_strategy(model, strategy):
     """Freeze what ``strategy`` keeps fixed; returns the parameters left to train."""
     if strategy in ("last", "head"):
-        kept = [model.fc] + ([model.stages[-1]] if strategy == "last" else [])
-        for name, layer in model.named_children():
-            if all(layer is not k for k in kept):
-                freeze(layer)
+        freeze_all_but(model, [model.fc] + ([model.stages[-1]] if strategy == "last" else []))
     return [p for p in model.parameters() if not p.stop_gradient]
+
+
+def freeze_all_but(layer, kept):
+    """Freeze every sublayer of ``layer`` outside the ``kept`` ones; a container that holds
+    one of them (the fast networks' ``groups``) is entered, not frozen whole."""
+    for child in layer.children():
+        if any(child is k for k in kept):
+            continue
+        if any(sub is k for sub in child.sublayers() for k in kept):
+            freeze_all_but(child, kept)
+        else:
+            freeze(child)
 
 
 def load_pretrained(model, cfg, num_classes):

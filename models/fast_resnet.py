@@ -127,6 +127,7 @@ class FastResNet(nn.Layer):
         channels = [whiten_width] + list(widths)
         self.groups = nn.LayerList([ConvGroup(a, b, shortcut, convs, dirac_branch)
                                     for a, b, convs in zip(channels, channels[1:], branch_convs)])
+        self.stages = list(self.groups)  # as ResNet's: finetune.py --strategy last trains the last
         self.pool = GlobalMaxPool2D()
         self.fc = nn.Linear(widths[-1], num_classes, bias_attr=False)
         init_like_pytorch(self.fc)

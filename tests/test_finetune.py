@@ -84,6 +84,21 @@ def test_strategies_freeze_what_they_say(folder, pretrained, tmp_path, capfd, st
         assert not np.array_equal(after["layer3.0.bn1._mean"], before["layer3.0.bn1._mean"])
 
 
+@pytest.mark.parametrize("strategy,trained_prefixes", [("last", ("groups.2.", "fc.")), ("head", ("fc.",))])
+def test_strategies_on_a_fast_network_train_its_last_group_and_head(strategy, trained_prefixes):
+    """The fast networks hold their groups in a LayerList: --strategy last enters it and
+    freezes all but the last group (it raised AttributeError: no 'stages')."""
+    model = models.fast_resnet9(num_classes=5)
+    trained = finetune.apply_strategy(model, strategy)
+    names = {id(p): k for k, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in trained) == sorted(
+        k for k, p in models.fast_resnet9(num_classes=5).named_parameters()
+        if k.startswith(trained_prefixes) and not p.stop_gradient)  # BN scales stay frozen, as the network has them
+    frozen_norms = [k for k, m in model.named_sublayers() if hasattr(m, "_use_global_stats") and m._use_global_stats]
+    assert frozen_norms and all(not k.startswith(trained_prefixes) for k in frozen_norms)
+    assert len(frozen_norms) == (5 if strategy == "last" else 8)  # the whitening one, 2 + 2 (+ the last group's 3)
+
+
 def test_full_strategy_trains_everything_and_saves_classes(run_full, pretrained):
     state = checkpoint.load(str(run_full / "last.pdckpt"))
     assert state["class_names"] == ["cats", "dogs", "owls"]
