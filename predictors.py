@@ -51,6 +51,11 @@ def export(predictor, output_dir, program=False, shipped_to=None):
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     prefix = os.path.join(output_dir, "model")
     old_ir = program and hasattr(paddle.pir_utils, "OldIrGuard")  # 3.x; 2.x writes a model.pdmodel anyway
+    if old_ir and any(getattr(layer, "act", None) == "gelu" for layer in predictor.model.sublayers()):
+        # 3.x's F.gelu is _C_ops.gelu alone: "gelu(): argument (position 1) must be Value, but got Variable"
+        raise UserError(f"Paddle {paddle.__version__} cannot write {predictor.cfg.model}'s GELU in the program "
+                        f"format (model.pdmodel) that bf16 inference runs; evaluate in bf16 on our CPU kernels "
+                        f"instead: drop --inference")
     # quiet: 3.x's saver says "New Executor is Running" or "PIR not support input out tensor for now!!!!!"
     with paddle.pir_utils.OldIrGuard() if old_ir else contextlib.nullcontext(), output_to(os.devnull):
         paddle.jit.save(predictor.model, prefix, input_spec=spec)

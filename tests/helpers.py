@@ -6,9 +6,12 @@ import pickle
 import tarfile
 
 import numpy as np
+import paddle
 import pytest
 
 import checkpoint
+import config
+import models
 
 # The repository: where the tests run our scripts from.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,3 +133,21 @@ once_with_the_operators = pytest.mark.skipif(os.environ.get("CI_PADDLE_SUITE") =
 kernel_free = pytest.mark.skipif(os.environ.get("CI_PADDLE_SUITE") == "2.6"
                                  and os.environ.get("CPU_KERNELS_EXPECTED") == "built",
                                  reason="kernel-free: run by CI's Paddle 2.6 suite without the operators")
+
+
+def checkpoint_of(tmp_path, name, classes, size):
+    """A checkpoint of ``name`` with random weights (what fit writes, minus the training state)
+    for a folder of ``classes`` at ``size``: (its path, the model)."""
+    paddle.seed(1)
+    model = models.get_model(name, num_classes=len(classes), stem="cifar")
+    cfg = config.make_config(dict(model=name, stem="cifar", dataset="folder", image_size=size))
+    # BatchNorm running statistics away from 0/1, so that the ONNX graph's BN is exercised
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            layer._mean.set_value(paddle.rand(layer._mean.shape) * 0.2)
+            layer._variance.set_value(paddle.rand(layer._variance.shape) + 0.5)
+    state = dict(model=model.state_dict(), config=config.to_dict(cfg), class_names=list(classes), epoch=1,
+                 preprocess=dict(resize=size, crop=size, mean=[0.5] * 3, std=[0.25] * 3))
+    path = str(tmp_path / f"{name}.pdckpt")
+    paddle.save(state, path)
+    return path, model

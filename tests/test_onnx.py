@@ -9,33 +9,14 @@ import paddle
 import pytest
 
 import checkpoint
-import config
 import errors
 import export
-import models
 import predict
 import predictors
-from helpers import make_image_folder
+from helpers import checkpoint_of, make_image_folder
 
 P3 = not paddle.__version__.startswith("2.")
 needs_onnx = pytest.mark.skipif(not P3, reason="paddle2onnx 2.x reads Paddle 3.x exports (model.json)")
-
-
-def checkpoint_of(tmp_path, name, classes, size):
-    """A checkpoint of ``name`` with random weights (what fit writes, minus the training state)."""
-    paddle.seed(1)
-    model = models.get_model(name, num_classes=len(classes), stem="cifar")
-    cfg = config.make_config(dict(model=name, stem="cifar", dataset="folder", image_size=size))
-    # BatchNorm running statistics away from 0/1, so that the ONNX graph's BN is exercised
-    for layer in model.sublayers():
-        if isinstance(layer, paddle.nn.BatchNorm2D):
-            layer._mean.set_value(paddle.rand(layer._mean.shape) * 0.2)
-            layer._variance.set_value(paddle.rand(layer._variance.shape) + 0.5)
-    state = dict(model=model.state_dict(), config=config.to_dict(cfg), class_names=list(classes), epoch=1,
-                 preprocess=dict(resize=size, crop=size, mean=[0.5] * 3, std=[0.25] * 3))
-    path = str(tmp_path / f"{name}.pdckpt")
-    paddle.save(state, path)
-    return path, model
 
 
 @needs_onnx

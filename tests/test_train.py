@@ -17,7 +17,7 @@ import errors
 import progress
 import eval as eval_script
 import train_cifar10
-from helpers import checkpoint_weights, interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
+from helpers import checkpoint_of, checkpoint_weights, interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
 
 FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
         "--num-workers", "0", "--log-every", "2"]
@@ -256,6 +256,20 @@ def test_bf16_inference_is_fp32s_logits_within_bf16_rounding(straight_run, tmp_p
     slow = eval_script.main(["--ckpt", str(straight_run), "--num-workers", "0", "--json"])
     assert fast["path"] == "paddle.inference" and fast["n"] == slow["n"]
     assert fast["loss"] == pytest.approx(slow["loss"], rel=3e-2)
+
+
+def test_bf16_inference_of_a_gelu_network_on_paddle3_is_one_line(tmp_path):
+    """Paddle 3.x's F.gelu is _C_ops.gelu alone, which the program format (what bf16
+    inference runs) cannot hold: a traceback of "must be Value, but got Variable" before."""
+    import predictors
+    ckpt, _ = checkpoint_of(tmp_path, "fast_resnet_small", ["a", "b"], 32)
+    predictor = predictors.CheckpointPredictor(ckpt, "cpu")
+    if paddle.__version__.startswith("2."):  # 2.x writes only the program format, GELU included
+        predictors.export(predictor, str(tmp_path / "e"), program=True)
+        assert os.path.isfile(tmp_path / "e" / "model.pdmodel")
+        return
+    with pytest.raises(errors.UserError, match="fast_resnet_small's GELU in the program format .* drop --inference"):
+        predictors.export(predictor, str(tmp_path / "e"), program=True)
 
 
 def test_bf16_inference_is_refused_where_it_cannot_run(straight_run, tmp_path, capsys, monkeypatch):
