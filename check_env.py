@@ -49,8 +49,10 @@ def report(facts):
             facts.get("cpu_bf16_slower") else
             f"yes, on {facts['cpu_bf16']}" if facts.get("cpu_kernels_ok") else
             "no: it runs on our CPU kernels (cpu_kernels/), which are not available here"))
+        no_gelu = "" if facts["paddle"].startswith("2.") else \
+            " (not the fast networks on Paddle 3.x, whose GELU it cannot hold: drop --inference for them)"
         lines.append(f"CPU bf16 inference (eval.py --inference --precision bf16{on_cpu}): " + (
-            f"yes, on {facts['cpu_bf16']}" if facts["cpu_bf16"] else no_units))
+            f"yes, on {facts['cpu_bf16']}{no_gelu}" if facts["cpu_bf16"] else no_units))
     return lines
 
 
