@@ -148,6 +148,11 @@ def cifar10_preprocess(normalize="cifar10", dataset="cifar10"):
     return dict(resize=32, crop=32, mean=list(mean), std=list(std))
 
 
+def image_size_of(cfg):
+    """The side of a training image of a run ``cfg``: a folder's --image-size, a CIFAR's 32."""
+    return cfg.image_size if cfg.dataset == "folder" else 32
+
+
 def preprocess_of(cfg):
     """How the model of a run ``cfg`` wants a new image, from the config alone (no data read)."""
     if cfg.dataset == "folder":

@@ -39,6 +39,14 @@ from progress import log
 
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches the fast network's first layer whitens (airbench's)
 
+
+def whitening_images(image_size):
+    """How many training images the fast network's whitening reads: airbench's 5,000 of
+    32x32, fewer of larger images, for the same number of patches (5,000 x 31 x 31). At
+    224x224 its arithmetic takes 10 MB an image (480: 4.5 GiB): all 5,000 would be 47 GB,
+    and the kernel's out-of-memory kill; 96 take 1 GB."""
+    return min(WHITENING_IMAGES, max(1, WHITENING_IMAGES * 31 ** 2 // (image_size - 1) ** 2))
+
 # Paddle's BatchNorm warns on every call in training mode that it tracks statistics
 warnings.filterwarnings("ignore", message="When training, we now always track")
 
@@ -293,7 +301,8 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
     if model is None:
         model = checkpoint.build_model(cfg, len(loaded.classes))
         if hasattr(model, "init_whitening") and resume_state is None:  # the fast network's first layer
-            model.init_whitening(data.first_images(loaded.splits["train"], WHITENING_IMAGES, cfg))
+            images = whitening_images(data.image_size_of(cfg))
+            model.init_whitening(data.first_images(loaded.splits["train"], images, cfg))
     parameters = parameters if parameters is not None else [p for p in model.parameters() if not p.stop_gradient]
     if device == "cpu":
         check_memory(model, cfg, len(loaded.splits["train"]), world, rank)
@@ -330,8 +339,8 @@ def check_memory(model, cfg, n_train, world, rank):
     """Before the first step on a CPU: a step that cannot fit in the free memory is one
     error, one that may not is a warning (memory.py)."""
     batch = min(cfg.batch_size, math.ceil(n_train / world))
-    image_size = cfg.image_size if cfg.dataset == "folder" else 32
-    warning = memory.check_step_fits(model, cfg.model, batch, image_size, bytes_per_value=2 if cfg.amp else 4)
+    warning = memory.check_step_fits(model, cfg.model, batch, data.image_size_of(cfg),
+                                     bytes_per_value=2 if cfg.amp else 4)
     if warning and rank == 0:
         log(warning)
 

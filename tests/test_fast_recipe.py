@@ -155,6 +155,12 @@ def test_the_whitening_layer_whitens_the_patches_it_was_set_from():
     assert model.conv1.weight.stop_gradient
 
 
+def test_whitening_reads_airbench_s_number_of_patches_at_any_image_size():
+    assert engine.whitening_images(32) == 5000  # airbench's 5,000 CIFAR images, as every run so far
+    assert engine.whitening_images(224) == 96  # 96 x 223 x 223 patches, about 5,000 x 31 x 31
+    assert engine.whitening_images(1024) == 4  # --image-size's largest
+
+
 def test_the_convolutions_start_as_identities_on_their_first_channels():
     model = models.fast_resnet()
     x = paddle.rand([2, 64, 15, 15])
