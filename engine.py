@@ -39,14 +39,6 @@ from progress import log
 
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches the fast network's first layer whitens (airbench's)
 
-
-def whitening_images(image_size):
-    """How many training images the fast network's whitening reads: airbench's 5,000 of
-    32x32, fewer of larger images, for the same number of patches (5,000 x 31 x 31). At
-    224x224 its arithmetic takes 10 MB an image (480: 4.5 GiB): all 5,000 would be 47 GB,
-    and the kernel's out-of-memory kill; 96 take 1 GB."""
-    return min(WHITENING_IMAGES, max(1, WHITENING_IMAGES * 31 ** 2 // (image_size - 1) ** 2))
-
 # Paddle's BatchNorm warns on every call in training mode that it tracks statistics
 warnings.filterwarnings("ignore", message="When training, we now always track")
 
@@ -333,6 +325,14 @@ def prepare(cfg, loaded, device, world, rank, plan, resume_state, model, paramet
     training = Training(cfg, net, opt, sched, scaler, run, world, board, estimate, averaging,
                         stop_every=1 if device == "cpu" else cfg.log_every)
     return model, training, batches, kernels
+
+
+def whitening_images(image_size):
+    """How many training images the fast network's whitening reads: airbench's 5,000 of
+    32x32, fewer of larger images, for the same number of patches (5,000 x 31 x 31). At
+    224x224 its arithmetic takes 10 MB an image (480: 4.5 GiB): all 5,000 would be 47 GB,
+    and the kernel's out-of-memory kill; 96 take 1 GB."""
+    return min(WHITENING_IMAGES, max(1, WHITENING_IMAGES * 31 ** 2 // (image_size - 1) ** 2))
 
 
 def check_memory(model, cfg, n_train, world, rank):
