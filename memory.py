@@ -49,7 +49,7 @@ def check_step_fits(model, name, batch, image_size, bytes_per_value, free=None):
     per_image = activations_per_image(model, image_size) * bytes_per_value
     activations = per_image * batch
     fits = max(1, int(available / (STEP_OVER_ACTIVATIONS * per_image)))
-    what = f"{name} at --batch-size {batch}, {image_size}x{image_size} images"
+    what = f"{name} on batches of {batch} {image_size}x{image_size} images"
     if activations > available + swap:
         raise UserError(f"a training step of {what} keeps {activations / GIB:.1f} GiB of activations, and "
                         f"{(available + swap) / GIB:.1f} GiB are free: it cannot fit; try --batch-size {fits}"

@@ -30,12 +30,12 @@ def test_a_step_that_fits_says_nothing_one_that_may_not_warns_one_that_cannot_is
     step = 128 * per_image  # activations of a step at batch 128, fp32
     assert memory.check_step_fits(model, "resnet20", 128, 32, 4, free=(3 * step, 0)) is None
     warning = memory.check_step_fits(model, "resnet20", 128, 32, 4, free=(int(1.5 * step), 0))
-    assert warning == (f"warning: a training step of resnet20 at --batch-size 128, 32x32 images takes about "
+    assert warning == (f"warning: a training step of resnet20 on batches of 128 32x32 images takes about "
                        f"{2 * step / GIB:.1f} GiB, and {1.5 * step / GIB:.1f} GiB are free: the system may kill the "
                        f"run; --batch-size 96 fits")
     with pytest.raises(memory.UserError) as e:
         memory.check_step_fits(model, "resnet20", 128, 32, 4, free=(step // 2, step // 4))
-    assert str(e.value) == (f"a training step of resnet20 at --batch-size 128, 32x32 images keeps {step / GIB:.1f} "
+    assert str(e.value) == (f"a training step of resnet20 on batches of 128 32x32 images keeps {step / GIB:.1f} "
                             f"GiB of activations, and {0.75 * step / GIB:.1f} GiB are free: it cannot fit; "
                             f"try --batch-size 32")
     # bf16 activations take half: the same memory holds the step
@@ -48,6 +48,6 @@ def test_a_run_that_cannot_fit_stops_before_its_first_step(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         train_cifar10.main(["--model", "resnet20", "--batch-size", "64", "--val-size", "20", "--num-workers", "0",
                             "--data-file", archive, "--output-dir", str(tmp_path / "o")])
-    assert str(e.value.code).startswith("error: a training step of resnet20 at --batch-size 64, 32x32 images keeps")
+    assert str(e.value.code).startswith("error: a training step of resnet20 on batches of 64 32x32 images keeps")
     assert str(e.value.code).endswith("it cannot fit; try --batch-size 25")
     assert not (tmp_path / "o" / "last.pdckpt").exists()
