@@ -17,7 +17,8 @@ import errors
 import progress
 import eval as eval_script
 import train_cifar10
-from helpers import checkpoint_of, checkpoint_weights, interrupt_in_epoch, kernel_independent, make_cifar_archive, once_with_the_operators
+from helpers import (checkpoint_of, checkpoint_weights, interrupt_in_epoch, kernel_independent, make_cifar_archive,
+                     once_with_the_operators)
 
 FAST = ["--model", "resnet20", "--epochs", "2", "--batch-size", "40", "--val-size", "40",
         "--num-workers", "0", "--log-every", "2"]
